@@ -441,16 +441,26 @@ def _copy_into_flat(dst, arr) -> None:
         dst[...] = arr.reshape(-1)
 
 
-def _copy_from_flat(arr, src) -> None:
-    """arr <- src (a 1-D slice of a fusion buffer) reshaped, cast back to arr's dtype."""
+def _copy_from_flat(arr, src, divisor: int = 1) -> None:
+    """arr <- src / divisor (src a 1-D slice of a fusion buffer), reshaped and cast back to arr's
+    dtype. Dividing while copying saves the separate pass over the buffer that op="mean" needs."""
     kind = array_kind(arr)
     if kind == "numpy":
-        np.copyto(arr, src.reshape(arr.shape), casting="unsafe")
+        if divisor == 1:  # a plain copy: true division would round int64 through float64
+            np.copyto(arr, src.reshape(arr.shape), casting="unsafe")
+        else:
+            np.divide(src.reshape(arr.shape), divisor, out=arr, casting="unsafe")
     elif kind == "torch":
+        src = (torch.from_numpy(src) if isinstance(src, np.ndarray) else src).reshape(arr.shape)
         with torch.no_grad():
-            arr.copy_((torch.from_numpy(src) if isinstance(src, np.ndarray) else src).reshape(arr.shape))
-    else:
+            if divisor == 1:
+                arr.copy_(src)
+            else:
+                torch.div(src.to(arr.device), divisor, out=arr)
+    elif divisor == 1:
         arr[...] = cupy.asarray(src).reshape(arr.shape).astype(arr.dtype)
+    else:
+        cupy.divide(cupy.asarray(src).reshape(arr.shape), divisor, out=arr, casting="unsafe")
 
 
 @dataclass
@@ -474,11 +484,11 @@ class FusionBucket:
         if self.ops is not HOST_OPS:
             synchronize(flat)
 
-    def unpack(self, flat) -> None:
+    def unpack(self, flat, divisor: int = 1) -> None:
         offset = 0
         for arr in self.arrays:
             k = numel(arr)
-            _copy_from_flat(arr, flat[offset:offset + k])
+            _copy_from_flat(arr, flat[offset:offset + k], divisor)
             offset += k
 
 

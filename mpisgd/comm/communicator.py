@@ -262,8 +262,8 @@ class Communicator:
         for bucket in backend.fusion_buckets(arrays, bucket_bytes):
             flat = self._scratch(bucket.ops, bucket.dtype, bucket.numel, "fusion")
             bucket.pack(flat)
-            self._reduce_flat(flat, bucket.ops, op, algorithm)
-            bucket.unpack(flat)
+            self._reduce_flat(flat, bucket.ops, "sum" if op == "mean" else op, algorithm)
+            bucket.unpack(flat, divisor=self.size if op == "mean" else 1)
         return arrays
 
     # ---- broadcast -----------------------------------------------------------------------

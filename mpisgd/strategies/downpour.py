@@ -367,7 +367,8 @@ class _Worker:
         if self.cfg.strategy == "dcasgd":
             self.compensation = DelayCompensation(n, lam=self.cfg.dc_lambda, variant=self.cfg.dc_variant,
                                                   momentum=self.cfg.dc_momentum)
-            self.w_pulled, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+            # w_reference: the parameters this push's gradient was computed at (the Taylor point)
+            self.w_reference, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
             self.compensated = np.zeros(n, dtype=np.float32)
         self.report = _WorkerReport(job, self.index, self.step)
         self.fault = _parse_fault(job.comm.rank)
@@ -376,14 +377,12 @@ class _Worker:
         self.client.pull_parameters(self.pulled)
         if self.job.device != "cpu":
             self.flat.copy_(torch.from_numpy(self.pulled))
-        if self.compensation is not None:
-            self.w_pulled[:] = self.pulled
 
     def push_gradients(self) -> None:
         gradient = self.accrued
         if self.compensation is not None:  # w_now: a fresh pull right before the push
             self.client.pull_parameters(self.w_now, as_reference=False)
-            gradient = self.compensation.compensate(self.accrued, self.w_now, self.w_pulled,
+            gradient = self.compensation.compensate(self.accrued, self.w_now, self.w_reference,
                                                     out=self.compensated)
         try:
             staleness = self.client.push_gradients(gradient)
@@ -423,6 +422,11 @@ class _Worker:
             if self.fault and self.fault[0] == self.step and self.fault[1] == "nan":
                 self.grads[0] = np.nan
             if np.isfinite(self.grads).all():
+                if self.compensation is not None and self.accrued_steps == 0:
+                    # with --n-fetch > 1 the worker has stepped locally since its pull: the gradient
+                    # was computed here, not at the pulled parameters (later ones of an --n-push
+                    # accrual at nearby points)
+                    self.w_reference[:] = self.pulled
                 self.accrued += self.grads
                 self.accrued_steps += 1
                 if cfg.n_fetch > 1:  # Downpour's local step between fetches
