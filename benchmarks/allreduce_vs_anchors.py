@@ -62,7 +62,7 @@ def main() -> int:
                          "ratio_to_mpi": t / native, "gloo_over_auto": None})
         rows[-len(methods) + 1]["gloo_over_auto"] = statistics.median(times["gloo"]) / auto
     if comm.rank == 0:
-        print(f"ranks: {p} (oversubscribed beyond the cores of this machine), float32, torch CPU tensors")
+        print(f"ranks: {p}{' (oversubscribed)' if comm.oversubscribed else ''}, float32, torch CPU tensors")
         print(f"{'size':>7} {'method':>18} {'time [us]':>11} {'busbw [GB/s]':>13} {'x MPI':>7} {'gloo/auto':>10}")
         for r in rows:
             extra = f"{r['gloo_over_auto']:.1f}" if r["gloo_over_auto"] else ""

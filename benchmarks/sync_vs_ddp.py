@@ -99,7 +99,7 @@ def main() -> int:
     result["ratio"] = result["mpisgd sync"] / result["DDP gloo"]
     result["overlap_ratio"] = result["mpisgd overlap"] / result["DDP gloo"]
     if comm.rank == 0:
-        print(f"ranks {comm.size} (oversubscribed beyond the cores), MLP {args.features}-{args.hidden}-{args.classes} "
+        print(f"ranks {comm.size}{' (oversubscribed)' if comm.oversubscribed else ''}, MLP {args.features}-{args.hidden}-{args.classes} "
               f"({params / 1e6:.2f} M parameters, {params * 4 / 2**20:.1f} MiB of gradients), per-rank batch {args.batch}")
         for name in rates:
             print(f"{name:>12}: {result[name]:10.1f} samples/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")

@@ -90,6 +90,8 @@ class TrainConfig:
                            choices=DC_VARIANTS)
     dc_momentum: float = _opt(0.95, "dcasgd adaptive: decay of the mean square of the gradient")
     warmstart_steps: int = _opt(0, "downpour: steps one replica trains alone before the others join")
+    server_nice: int = _opt(0, "downpour: lower the servers' CPU priority by this niceness (0-19) so that "
+                            "workers sharing their cores get them first (see README)")
     worker_timeout: float = _opt(30.0, "downpour/sandblaster: seconds without a heartbeat before a worker "
                                  "counts as dead")
     eval_every: int = _opt(0, "downpour: evaluate on the validation set every N pushes (0: once per epoch of data)")
@@ -117,6 +119,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+        if not 0 <= self.server_nice <= 19:
+            raise ConfigError(f"--server-nice must be in 0..19, got {self.server_nice}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
         if not self.hidden or min(self.hidden) <= 0:

@@ -90,7 +90,7 @@ from ..ps import (
     ShardServer,
     make_rule,
 )
-from ..ps.server import idle_sleep_for
+from ..ps.server import idle_sleep_for, lower_cpu_priority, network_path
 from ..ps.windows import PUSHES, REJECTED, VERSION
 from .common import open_datasets
 
@@ -222,6 +222,11 @@ def train_downpour(cfg: TrainConfig, comm: Communicator) -> dict:
             saved = resumed.get("rule_state", {}).get(name)
             if saved is not None:
                 rule.state[name][:] = saved[where]
+        if not network_path(remote_workers=remote_workers):
+            lower_cpu_priority(cfg.server_nice)
+        elif cfg.server_nice:
+            job.log("--server-nice ignored: workers reach this server over the network path, where their "
+                    "RMA operations need the server's CPU time")
         server = ShardServer(windows, rule, idle_sleep_s=idle_sleep)
         server.initialize(flat[where], claimed_steps=sum(resumed.get("worker_steps", [])))
         if shard == 0:

@@ -78,7 +78,7 @@ def test_concurrent_pushes_are_atomic(path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("strategy, flags", [
-    ("downpour", ["--server-rule", "adagrad", "--lr", "0.05"]),  # Downpour (Dean et al.)
+    ("downpour", ["--server-rule", "adagrad", "--lr", "0.05", "--server-nice", "10"]),  # Downpour (Dean et al.)
     ("downpour", ["--server-rule", "sgd", "--lr", "0.1", "--warmstart-steps", "20"]),  # plain ASGD
     ("dcasgd", ["--lr", "0.1", "--dc-lambda", "0.5", "--dc-variant", "adaptive"]),  # Zheng et al.
 ], ids=["downpour-adagrad", "asgd", "dcasgd-adaptive"])
@@ -91,6 +91,8 @@ def test_each_strategy_reaches_the_stated_accuracy(tmp_path, data, strategy, fla
                    "--log-every", "8", strategy=strategy, env=PATHS[path])
     assert result.returncode == 0, result.stdout
     assert f"{strategy} finished after" in result.stdout and "(target_accuracy)" in result.stdout
+    if "--server-nice" in flags:  # honoured on shared memory; on the network path it would stall workers
+        assert ("--server-nice ignored" in result.stdout) == (path == "network"), result.stdout
     if "--warmstart-steps" in flags:  # the second worker waited for the first one's 20 pushes
         warm = re.search(r"warm start done, pushes per worker \[(\d+), (\d+)\]", result.stdout)
         assert warm and int(warm.group(1)) >= 20 and int(warm.group(2)) == 0, result.stdout
@@ -212,6 +214,7 @@ def test_non_finite_gradients_are_never_applied(tmp_path, data):
     (3, ["--n-fetch", "-1"], "--n-fetch must be positive"),
     (3, ["--strategy", "dcasgd", "--dc-lambda", "-1"], "--dc-lambda must be >= 0"),
     (3, ["--server-rule", "adam"], "--server-rule must be one of"),
+    (3, ["--server-nice", "20"], "--server-nice must be in 0..19"),
 ])
 def test_bad_input_is_a_clear_error_with_exit_2_on_every_rank(data, nprocs, flags, message):
     result = train(nprocs, data, *flags)

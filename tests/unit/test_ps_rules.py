@@ -1,5 +1,9 @@
 """Server update rules and DC-ASGD's delay compensation against values computed by hand."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -97,3 +101,18 @@ def test_make_rule_names_the_valid_rules():
         make_rule("adam", 3, lr=0.1)
     with pytest.raises(ConfigError, match="lr must be a positive"):
         make_rule("sgd", 3, lr=0.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="needs Linux autogroup scheduling")
+def test_a_server_in_its_own_session_lowers_its_priority_and_its_autogroups():
+    """As MPI launchers start ranks: each in a session of its own, where os.nice alone changes nothing
+    between ranks (the CPU is shared between autogroups first)."""
+    probe = ("import os; from mpisgd.ps.server import lower_cpu_priority; lower_cpu_priority(7); "
+             "print(os.getpriority(os.PRIO_PROCESS, 0)); print(open('/proc/self/autogroup').read().split()[-1])")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            start_new_session=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["7", "7"]
+    untouched = subprocess.run([sys.executable, "-c", "print(open('/proc/self/autogroup').read().split()[-1])"],
+                               capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert untouched.stdout.split() == ["0"]  # a new session starts at niceness 0 again
