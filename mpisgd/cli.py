@@ -67,8 +67,11 @@ def run_info(args: argparse.Namespace) -> int:
     for name, version_text in backend.available_backends().items():
         lines.append(f"array backend {name}: {version_text}")
     cfg = comm.config
-    lines.append(f"allreduce auto: native below {comm.native_below_bytes} bytes, rhd for power-of-two ranks, "
-                 f"{cfg.non_power_of_two} otherwise; collective checks {'on' if cfg.check_collectives else 'off'}")
+    shm = f"shm below {comm.shm_below_bytes} bytes, " if comm.shm_below_bytes else ""
+    shm += "fused buckets through shm, " if comm.shm_for_fusion else ""
+    lines.append(f"allreduce auto: native below {comm.native_below_bytes} bytes, {shm}rhd for power-of-two "
+                 f"ranks, {cfg.non_power_of_two} otherwise; collective checks "
+                 f"{'on' if cfg.check_collectives else 'off'}")
     print("\n".join(lines), flush=True)
     return 0
 
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce = bench_sub.add_parser("allreduce", help="time rhd, ring, native and auto side by side")
     allreduce.add_argument("--sizes", default="4KiB,16KiB,64KiB,256KiB,1MiB,2MiB,4MiB,16MiB,64MiB",
                            help="comma list (4KiB,1MiB) or doubling range (4KiB:64MiB) of message sizes")
-    allreduce.add_argument("--algorithms", default="native,rhd,ring,auto")
+    allreduce.add_argument("--algorithms", default="native,rhd,ring,shm,auto")
     allreduce.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32", "int64"])
     allreduce.add_argument("--warmup", type=positive_int, default=3)
     allreduce.add_argument("--iterations", type=positive_int, default=None,

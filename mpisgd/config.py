@@ -66,7 +66,7 @@ class TrainConfig:
     optimizer: str = _opt("sgd", "optimizer", choices=OPTIMIZERS)
     trust_coefficient: float = _opt(0.001, "LARS trust coefficient")
     seed: int = _opt(0, "seed for initialization and shuffling (the same on every rank)")
-    algorithm: str = _opt("auto", "all-reduce algorithm", choices=("auto", "rhd", "ring", "native"))
+    algorithm: str = _opt("auto", "all-reduce algorithm", choices=("auto", "rhd", "ring", "shm", "native"))
     checkpoint_dir: Optional[str] = _opt(None, "directory for checkpoints (written atomically by rank 0)")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each epoch)")
     resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir")

@@ -58,7 +58,7 @@ class DistributedOptimizer:
         backward_passes_per_step: gradients of this many ``backward()`` calls are accumulated
             locally (summed, as torch does) and reduced once, at ``step()``.
         op: "mean" (synchronous SGD: gradient of the global-batch mean loss) or "sum".
-        algorithm: all-reduce algorithm ("auto", "rhd", "ring", "native").
+        algorithm: all-reduce algorithm ("auto", "rhd", "ring", "shm", "native").
         bucket_bytes: fusion bucket size; one collective per bucket.
         check_finite: after reduction, raise NonFiniteGradientError on every rank if any averaged
             gradient is NaN/Inf. The reduced gradients are bitwise identical on all ranks, so all

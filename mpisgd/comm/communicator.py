@@ -17,11 +17,15 @@ from mpi4py import MPI
 from .. import backend
 from ..errors import CommError, ConfigError, MpisgdError
 from .algorithms import ALGORITHMS
+from .shm import SharedMemoryAllreduce
 
 OPS = ("sum", "mean", "max", "min")
-ALGORITHM_NAMES = ("auto", "rhd", "ring", "native")
+ALGORITHM_NAMES = ("auto", "rhd", "ring", "shm", "native")
 NON_POWER_OF_TWO_CHOICES = ("ring", "rhd")
 DEFAULT_BUCKET_BYTES = 64 << 20
+#: fused buckets from this size go through the shared window under ``auto`` (below, MPI's own
+#: Allreduce of the bucket is as fast: the window's two barriers cost about as much)
+SHM_FUSION_MIN_BYTES = 256 << 10
 
 
 def _env_int(name: str, default: Optional[int]) -> Optional[int]:
@@ -49,16 +53,25 @@ class AllreduceConfig:
 
     Defaults come from measurements on a 2-core machine with the MPICH wheel (see BENCHMARKS.md):
     below ``native_below_bytes`` the MPI library's own Allreduce wins because each Python-level
-    step costs microseconds; above it ``rhd`` wins for powers of two, and ``non_power_of_two``
-    (``ring`` by default: the fold of ``rhd`` idles ranks) for other process counts. The crossover
-    grows with the process count, so ``native_below_bytes=None`` means the measured default:
-    2 MiB up to two ranks, 4 MiB beyond.
-    Environment overrides: MPISGD_AUTO_NATIVE_BELOW (bytes), MPISGD_AUTO_NON_POWER_OF_TWO,
-    MPISGD_CHECK_COLLECTIVES=0|1, MPISGD_YIELD_WHEN_WAITING=auto|0|1 (rhd/ring wait by yielding the
-    CPU instead of spinning; auto: when this node runs more ranks than it has cores).
+    step costs microseconds. Where every rank is on one node and ``shared_memory`` is on, ``shm``
+    (a shared-memory window) serves fused buckets of at least 256 KiB (packed straight into the
+    window: nothing else copies less), and single vectors from there up to ``shm_below_bytes``;
+    above that (and across nodes) ``rhd`` wins for powers of two, and ``non_power_of_two``
+    (``ring`` by default: the fold of ``rhd`` idles ranks) for other process counts.
+    ``None`` thresholds mean the measured defaults: with more than 2 ranks on one node, native
+    below 256 KiB and shm below 4 MiB; otherwise no shm for single vectors (at 2 ranks it was
+    slower than rhd and native from 1 MiB) and native below 2 MiB up to two ranks, 4 MiB beyond.
+    ``shm_area_bytes``: the window's slot per rank (two of them, plus a result); fused buckets are
+    cut to it. Environment overrides: MPISGD_SHM=0|1, MPISGD_AUTO_NATIVE_BELOW,
+    MPISGD_AUTO_SHM_BELOW, MPISGD_SHM_AREA_BYTES (bytes), MPISGD_AUTO_NON_POWER_OF_TWO,
+    MPISGD_CHECK_COLLECTIVES=0|1, MPISGD_YIELD_WHEN_WAITING=auto|0|1 (rhd/ring/shm wait by yielding
+    the CPU instead of spinning; auto: when this node runs more ranks than it has cores).
     """
 
     native_below_bytes: Optional[int] = field(default_factory=lambda: _env_int("MPISGD_AUTO_NATIVE_BELOW", None))
+    shared_memory: bool = field(default_factory=lambda: _env_flag("MPISGD_SHM", True))
+    shm_below_bytes: Optional[int] = field(default_factory=lambda: _env_int("MPISGD_AUTO_SHM_BELOW", None))
+    shm_area_bytes: int = field(default_factory=lambda: _env_int("MPISGD_SHM_AREA_BYTES", 4 << 20))
     non_power_of_two: str = field(
         default_factory=lambda: os.environ.get("MPISGD_AUTO_NON_POWER_OF_TWO", "ring"))
     check_collectives: bool = field(default_factory=lambda: _env_flag("MPISGD_CHECK_COLLECTIVES", True))
@@ -67,6 +80,10 @@ class AllreduceConfig:
     def __post_init__(self):
         if self.native_below_bytes is not None and self.native_below_bytes < 0:
             raise ConfigError(f"native_below_bytes must be >= 0, got {self.native_below_bytes}")
+        if self.shm_below_bytes is not None and self.shm_below_bytes < 0:
+            raise ConfigError(f"shm_below_bytes must be >= 0, got {self.shm_below_bytes}")
+        if self.shm_area_bytes < 4096:
+            raise ConfigError(f"shm_area_bytes must be at least 4096, got {self.shm_area_bytes}")
         if self.yield_when_waiting not in ("auto", "0", "1"):
             raise ConfigError(f"yield_when_waiting must be auto, 0 or 1, got {self.yield_when_waiting!r}")
         if self.non_power_of_two not in NON_POWER_OF_TWO_CHOICES:
@@ -107,6 +124,8 @@ class Communicator:
         self.oversubscribed = self.local_size > cores
         self.polite = {"auto": self.oversubscribed, "1": True, "0": False}[self.config.yield_when_waiting]
         self._check_buf = np.zeros(2, dtype=np.int64)
+        self._shm: Optional[SharedMemoryAllreduce] = None
+        self._shm_refused = False  # the node's shared memory could not hold the window
 
     # ---- lifetime ------------------------------------------------------------------------
     @property
@@ -125,6 +144,9 @@ class Communicator:
 
     def free(self) -> None:
         """Release the duplicated communicators; later use raises RuntimeError."""
+        if self._shm is not None and not MPI.Is_finalized():
+            self._shm.free()
+        self._shm = None
         for c in (self._local, self._mpi):
             if c is not None and not MPI.Is_finalized():
                 c.Free()
@@ -152,19 +174,58 @@ class Communicator:
 
     # ---- algorithm choice and checks -----------------------------------------------------
     @property
+    def single_node(self) -> bool:
+        """Every rank on this node: the shared-memory all-reduce can serve the communicator."""
+        return self.local_size == self.size
+
+    @property
+    def shm_for_fusion(self) -> bool:
+        """``auto`` reduces fused buckets through the shared-memory window."""
+        return self.size > 1 and self.single_node and self.config.shared_memory and not self._shm_refused
+
+    @property
+    def shm_below_bytes(self) -> int:
+        """Single vectors from ``native_below_bytes`` up to this go to ``shm`` under ``auto``."""
+        if not self.shm_for_fusion:
+            return 0
+        if self.config.shm_below_bytes is not None:
+            return self.config.shm_below_bytes
+        return 4 << 20 if self.size > 2 else 0
+
+    @property
     def native_below_bytes(self) -> int:
         """Messages smaller than this go to the MPI library's own Allreduce under ``auto``."""
         if self.config.native_below_bytes is not None:
             return self.config.native_below_bytes
+        if self.shm_below_bytes > 0:
+            return 256 << 10
         return 2 << 20 if self.size <= 2 else 4 << 20
 
-    def choose_algorithm(self, nbytes: int) -> str:
-        """What ``auto`` runs for a message of ``nbytes`` on this communicator."""
+    def choose_algorithm(self, nbytes: int, *, host: bool = True) -> str:
+        """What ``auto`` runs for a message of ``nbytes`` (in host memory unless ``host=False``)."""
         if self.size == 1 or nbytes < self.native_below_bytes:
             return "native"
-        if self.size & (self.size - 1) == 0:
-            return "rhd"
-        return self.config.non_power_of_two
+        if host and nbytes < self.shm_below_bytes:
+            return "shm"
+        return self._large_message_algorithm()
+
+    def _large_message_algorithm(self) -> str:
+        return "rhd" if self.size & (self.size - 1) == 0 else self.config.non_power_of_two
+
+    def _shared_memory(self, *, required: bool = True) -> Optional[SharedMemoryAllreduce]:
+        """The shared window, created on first use (collectively: all ranks choose shm together).
+        When /dev/shm is too small, ``auto`` (``required=False``) gets None and uses the others."""
+        if self._shm is None and (required or not self._shm_refused):
+            if not self.single_node:
+                raise ConfigError(f"algorithm 'shm' needs every rank on one node; this communicator spans "
+                                  f"{self.num_nodes} nodes")
+            try:
+                self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite)
+            except CommError:  # the same verdict on every rank: the free space is agreed by MPI_MIN
+                self._shm_refused = True
+                if required:
+                    raise
+        return self._shm
 
     def check_agreement(self, call: str, **fields: Any) -> None:
         """Raise the same CommError on every rank if ranks called ``call`` with different fields.
@@ -234,7 +295,17 @@ class Communicator:
             return
         if algorithm == "auto":
             algorithm = self.choose_algorithm(n * flat.itemsize if hasattr(flat, "itemsize")
-                                              else n * flat.element_size())
+                                              else n * flat.element_size(), host=ops is backend.HOST_OPS)
+            if algorithm == "shm" and self._shared_memory(required=False) is None:
+                algorithm = self._large_message_algorithm()
+        if algorithm == "shm":
+            if ops is not backend.HOST_OPS:
+                raise ConfigError("algorithm 'shm' reduces host memory; GPU buffers with CUDA-aware MPI "
+                                  "need rhd, ring or native")
+            self._shared_memory().allreduce_(flat, op)
+            if op == "mean":
+                ops.divide_(flat, self.size)
+            return
         scratch = None if algorithm == "native" else self._scratch(ops, _dtype(flat), n, "scratch")
         ALGORITHMS[algorithm](self.mpi, flat, scratch, ops, op, polite=self.polite)
         if op == "mean":
@@ -259,11 +330,24 @@ class Communicator:
         if check is not False:
             self.check_agreement("allreduce_many", op=op, algorithm=algorithm,
                                  arrays=tuple((n, tuple(a.shape)) for n, a in zip(names, arrays)))
+        reduce_op, divisor = ("sum", self.size) if op == "mean" else (op, 1)
+        shm = None
+        if algorithm == "shm" or (algorithm == "auto" and self.shm_for_fusion):
+            shm = self._shared_memory(required=algorithm == "shm")
+        if shm is not None:
+            bucket_bytes = min(bucket_bytes, shm.area_bytes)
         for bucket in backend.fusion_buckets(arrays, bucket_bytes):
+            nbytes = bucket.numel * np.dtype(bucket.dtype).itemsize
+            if (shm is not None and bucket.ops is backend.HOST_OPS and bucket.numel <= shm.capacity(bucket.dtype)
+                    and (algorithm == "shm" or nbytes >= SHM_FUSION_MIN_BYTES)):
+                # packed straight into this rank's slot, unpacked straight from the shared result
+                bucket.pack(shm.slot(bucket.numel, bucket.dtype))
+                bucket.unpack(shm.reduce(bucket.numel, bucket.dtype, reduce_op), divisor)
+                continue
             flat = self._scratch(bucket.ops, bucket.dtype, bucket.numel, "fusion")
             bucket.pack(flat)
-            self._reduce_flat(flat, bucket.ops, "sum" if op == "mean" else op, algorithm)
-            bucket.unpack(flat, divisor=self.size if op == "mean" else 1)
+            self._reduce_flat(flat, bucket.ops, reduce_op, algorithm)
+            bucket.unpack(flat, divisor)
         return arrays
 
     # ---- broadcast -----------------------------------------------------------------------

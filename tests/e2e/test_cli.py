@@ -36,7 +36,7 @@ def test_bench_allreduce_json(tmp_path):
     assert result.returncode == 0, result.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {(r["size_bytes"], r["algorithm"]) for r in rows} == {
-        (s, a) for s in (4096, 65536) for a in ("native", "rhd", "ring", "auto")}
+        (s, a) for s in (4096, 65536) for a in ("native", "rhd", "ring", "shm", "auto")}
     assert all(r["time_s"] > 0 and r["ranks"] == 2 for r in rows)
     assert all(r["ratio_to_native"] == 1.0 for r in rows if r["algorithm"] == "native")
     assert "x native" in result.stdout

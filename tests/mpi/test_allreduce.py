@@ -16,7 +16,7 @@ from mpisgd import CommError, ConfigError
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
-ALGORITHMS = ["rhd", "ring", "native", "auto"]
+ALGORITHMS = ["rhd", "ring", "shm", "native", "auto"]
 LENGTHS = sorted({0, 1, max(P - 1, 0), P + 1, 7, 1_000_003})
 MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
@@ -122,6 +122,44 @@ def test_fused_many_matches_per_tensor_reference(bucket_bytes):
     for t, e in zip(tensors, expected):
         np.testing.assert_allclose(t.to(torch.float64).numpy(), e, rtol=1e-2 if t.dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-2 if t.dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["shm", "auto"])
+def test_shared_memory_takes_long_vectors_in_pieces_and_cuts_fused_buckets_to_its_area(algorithm):
+    """A 4 KiB area: a 40 KB vector goes through the window in pieces, fused buckets are cut to the
+    area and packed straight into it, and a tensor larger than the area takes the copying path."""
+    comm = mpisgd.Communicator(config=mpisgd.AllreduceConfig(shm_area_bytes=4096, native_below_bytes=0,
+                                                             shm_below_bytes=1 << 30))
+    assert comm.choose_algorithm(1 << 20) == ("native" if P == 1 else "shm")
+    x = rank_data(10_001, "float32", salt=11)
+    result = comm.allreduce(x, algorithm=algorithm)
+    np.testing.assert_allclose(result, reference(x, "sum"), rtol=1e-5 * P, atol=1e-5 * P)
+    assert_same_on_every_rank(result)
+    tensors = [torch.from_numpy(rank_data(n, "float32", salt=n)) for n in (300, 5, 700, 2500, 1)]
+    tensors.append(torch.from_numpy(rank_data(900, "float64", salt=2)))
+    expected = [reference(t.numpy(), "mean") for t in tensors]
+    comm.allreduce_many_(tensors, "mean", algorithm=algorithm)
+    for t, e in zip(tensors, expected):
+        np.testing.assert_allclose(t.numpy(), e, rtol=1e-5 * P, atol=1e-6 * P)
+        assert_same_on_every_rank(t.numpy())
+    comm.free()
+
+
+def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(monkeypatch):
+    monkeypatch.setattr("mpisgd.comm.shm._free_shared_memory", lambda: 1 << 20)  # 1 MiB of /dev/shm
+    comm = mpisgd.Communicator()
+    x = rank_data(300_000, "float32", salt=4)
+    with pytest.raises(CommError, match="/dev/shm"):
+        comm.allreduce(x, algorithm="shm")
+    for _ in range(2):  # auto: the same shortage seen on every rank, so all go around it together
+        np.testing.assert_allclose(comm.allreduce(x), reference(x, "sum"), rtol=1e-5 * P, atol=1e-5 * P)
+        tensors = [torch.from_numpy(rank_data(200_000, "float32", salt=s)) for s in range(3)]
+        expected = [reference(t.numpy(), "sum") for t in tensors]
+        comm.allreduce_many_(tensors)
+        for t, e in zip(tensors, expected):
+            np.testing.assert_allclose(t.numpy(), e, rtol=1e-5 * P, atol=1e-5 * P)
+    assert not comm.shm_for_fusion and comm.shm_below_bytes == 0
+    comm.free()
 
 
 def test_broadcast_matches_root():

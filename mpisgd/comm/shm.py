@@ -1,0 +1,130 @@
+"""All-reduce through an MPI-3 shared-memory window, for communicators that live on one node.
+
+Why: on one node, ``rhd`` and ``ring`` move every byte through MPI's shared-memory channel, which
+copies it into a cell on the sender's side and out of it on the receiver's, at each of their 2 lg p
+or 2(p-1) steps. Here every rank maps the same window (``MPI_Win_allocate_shared``): it writes its
+vector once into its own slot, sums its 1/p block of the result straight out of every rank's slot,
+and reads the whole result once. Fused buckets go further: ``DistributedOptimizer``'s gradients are
+packed straight into the slot and unpacked straight from the result, so the all-reduce itself copies
+nothing (measured in BENCHMARKS.md).
+
+Synchronization is MPI's own: ``MPI_Win_sync`` + a barrier (``MPI_Ibarrier`` tested with yields on
+an oversubscribed node) + ``MPI_Win_sync``, as the unified memory model of shared windows asks. Two
+areas alternate between calls, so a rank may start the next call while another still reads the
+result of this one; two barriers per call suffice.
+
+Every element of the result is computed by one rank (the owner of its block, summing the slots in
+rank order) and read by all: results are bitwise identical on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import numpy as np
+from mpi4py import MPI
+
+from ..backend import HOST_OPS
+from ..errors import CommError
+from .algorithms import block_bounds
+
+#: elements reduced per pass over the slots: the partial sums stay in cache between slots
+_CACHE_ELEMENTS = 16384
+
+
+class SharedMemoryAllreduce:
+    """Slots of ``area_bytes`` per rank (twice: two alternating areas) and one shared result.
+
+    Collective: every rank of ``comm`` constructs it together, and every call is made by all ranks
+    with the same length and dtype (the communicator's mismatch check guards the public API).
+    Raises CommError on every rank when the node's shared memory cannot hold the window.
+    """
+
+    def __init__(self, comm: MPI.Comm, area_bytes: int, *, polite: bool) -> None:
+        self.comm, self.polite = comm, polite
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.area_bytes = area_bytes - area_bytes % 8
+        needed = 2 * self.area_bytes * (self.size + 1)  # every rank's slots + the result
+        room = comm.allreduce(_free_shared_memory(), op=MPI.MIN)
+        if room < 2 * needed:
+            raise CommError(f"shared-memory all-reduce needs {needed >> 20} MiB of /dev/shm, "
+                            f"{room >> 20} MiB free; lower MPISGD_SHM_AREA_BYTES or use another algorithm")
+        self.slots_win = MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=comm)
+        self.result_win = MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=comm)
+        for win in (self.slots_win, self.result_win):
+            win.Lock_all(MPI.MODE_NOCHECK)
+        self._memory = [self.slots_win.Shared_query(q)[0] for q in range(self.size)]
+        self._result_memory = self.result_win.Shared_query(0)[0]
+        self._calls = 0
+        self._views: dict = {}
+
+    def capacity(self, dtype: str) -> int:
+        """Most elements of ``dtype`` one call can reduce without copying through chunks."""
+        return self.area_bytes // np.dtype(dtype).itemsize
+
+    def _area(self, dtype: str) -> tuple:
+        """(slots of every rank, result) of the area the next call uses, as ``dtype`` arrays."""
+        key = (dtype, self._calls & 1)
+        if key not in self._views:
+            n = self.capacity(dtype)
+            offset = (self._calls & 1) * self.area_bytes
+            slots = [np.frombuffer(m, dtype=dtype, count=n, offset=offset) for m in self._memory]
+            self._views[key] = (slots, np.frombuffer(self._result_memory, dtype=dtype, count=n, offset=offset))
+        return self._views[key]
+
+    def slot(self, n: int, dtype: str) -> np.ndarray:
+        """This rank's input for the next :meth:`reduce`: write (or pack) the vector here."""
+        return self._area(dtype)[0][self.rank][:n]
+
+    def reduce(self, n: int, dtype: str, op: str) -> np.ndarray:
+        """Reduce the first ``n`` elements of every rank's slot; returns the shared result (read-only
+        by convention: valid until the call after next)."""
+        slots, result = self._area(dtype)
+        self._calls += 1
+        self._barrier()
+        bounds = block_bounds(n, self.size)
+        for start in range(bounds[self.rank], bounds[self.rank + 1], _CACHE_ELEMENTS):
+            end = min(start + _CACHE_ELEMENTS, bounds[self.rank + 1])
+            partial = result[start:end]
+            np.copyto(partial, slots[0][start:end])
+            for other in slots[1:]:
+                HOST_OPS.reduce_(partial, other[start:end], op)
+        self._barrier()
+        return result[:n]
+
+    def allreduce_(self, buf: np.ndarray, op: str) -> None:
+        """Reduce a host buffer in place, through the window in pieces of at most its capacity."""
+        dtype = buf.dtype.name
+        step = self.capacity(dtype)
+        for start in range(0, len(buf), step):
+            piece = buf[start:start + step]
+            np.copyto(self.slot(len(piece), dtype), piece)
+            np.copyto(piece, self.reduce(len(piece), dtype, op))
+
+    def _barrier(self) -> None:
+        self.slots_win.Sync()
+        self.result_win.Sync()
+        if self.polite:
+            request = self.comm.Ibarrier()
+            while not request.Test():
+                os.sched_yield()
+        else:
+            self.comm.Barrier()
+        self.slots_win.Sync()
+        self.result_win.Sync()
+
+    def free(self) -> None:
+        self._views.clear()
+        self._memory = []
+        self._result_memory = None
+        for win in (self.slots_win, self.result_win):
+            win.Unlock_all()
+            win.Free()
+
+
+def _free_shared_memory() -> int:
+    """Free bytes of /dev/shm, where MPI implementations put shared windows (unbounded if absent)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize
