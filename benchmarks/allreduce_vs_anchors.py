@@ -3,7 +3,7 @@
 Usage:  mpiexec -n 4 python benchmarks/allreduce_vs_anchors.py [--sizes 4KiB:64MiB] [--json out.json]
 
 All four run on the same ranks, the same float32 torch tensors, interleaved in the same rounds
-(so machine noise hits all alike). Time of a call = slowest rank, after a barrier; reported = median.
+in a rotating order (so machine noise hits all alike). Time of a call = slowest rank, after a barrier; reported = median.
 Bus bandwidth as nccl-tests: bytes/time * 2(p-1)/p. Ratios are to MPI_Allreduce (lower is faster)
 and gloo's time over mpisgd auto's (higher is better for mpisgd).
 """
@@ -50,9 +50,11 @@ def main() -> int:
         times = {name: [] for name in methods}
         for fn in methods.values():  # warm-up
             fn(tensor), fn(tensor)
-        for _ in range(args.rounds):
-            for name, fn in methods.items():
-                times[name] += time_calls(comm, lambda: fn(tensor), per_round)
+        names = list(methods)
+        for round_number in range(args.rounds):  # the order rotates: no method always follows gloo
+            shift = round_number % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name] += time_calls(comm, lambda: methods[name](tensor), per_round)
         native = statistics.median(times["MPI_Allreduce"])
         auto = statistics.median(times["mpisgd auto"])
         for name in methods:

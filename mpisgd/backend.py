@@ -49,12 +49,21 @@ MPI_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 MPI_DATATYPES = {"float32": MPI.FLOAT, "float64": MPI.DOUBLE, "int32": MPI.INT32_T, "int64": MPI.INT64_T}
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(x: Any) -> str:
-    """The dtype of an array or tensor as a plain string ('float32', 'bfloat16', ...)."""
+    """The dtype of an array or tensor as a plain string ('float32', 'bfloat16', ...). Cached:
+    numpy's ``dtype.name`` costs microseconds, which every small all-reduce would pay."""
     dt = x.dtype
-    if torch is not None and isinstance(dt, torch.dtype):
-        return str(dt).replace("torch.", "")
-    return np.dtype(dt).name
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        if torch is not None and isinstance(dt, torch.dtype):
+            name = str(dt).replace("torch.", "")
+        else:
+            name = np.dtype(dt).name
+        _DTYPE_NAMES[dt] = name
+    return name
 
 
 def array_kind(x: Any) -> str:
@@ -239,7 +248,7 @@ class HostOps:
         np.divide(buf, divisor, out=buf)
 
     def buffer(self, arr):
-        return [arr, MPI_DATATYPES[arr.dtype.name]]
+        return [arr, MPI_DATATYPES[dtype_name(arr)]]
 
     def key(self, dtype: str):
         return ("numpy", dtype)
@@ -290,7 +299,7 @@ class CupyOps:
         cupy.cuda.get_current_stream().synchronize()
 
     def buffer(self, arr):
-        return [arr, MPI_DATATYPES[arr.dtype.name]]
+        return [arr, MPI_DATATYPES[dtype_name(arr)]]
 
     def key(self, dtype: str):
         return ("cupy", cupy.cuda.runtime.getDevice(), dtype)

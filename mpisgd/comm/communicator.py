@@ -59,7 +59,7 @@ class AllreduceConfig:
     above that (and across nodes) ``rhd`` wins for powers of two, and ``non_power_of_two``
     (``ring`` by default: the fold of ``rhd`` idles ranks) for other process counts.
     ``None`` thresholds mean the measured defaults: with more than 2 ranks on one node, native
-    below 256 KiB and shm below 4 MiB; otherwise no shm for single vectors (at 2 ranks it was
+    below 1 MiB and shm below 4 MiB (at 256 KiB shm and native were within the noise); otherwise no shm for single vectors (at 2 ranks it was
     slower than rhd and native from 1 MiB) and native below 2 MiB up to two ranks, 4 MiB beyond.
     ``shm_area_bytes``: the window's slot per rank (two of them, plus a result); fused buckets are
     cut to it. Environment overrides: MPISGD_SHM=0|1, MPISGD_AUTO_NATIVE_BELOW,
@@ -198,7 +198,7 @@ class Communicator:
         if self.config.native_below_bytes is not None:
             return self.config.native_below_bytes
         if self.shm_below_bytes > 0:
-            return 256 << 10
+            return 1 << 20
         return 2 << 20 if self.size <= 2 else 4 << 20
 
     def choose_algorithm(self, nbytes: int, *, host: bool = True) -> str:
