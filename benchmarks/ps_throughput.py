@@ -38,6 +38,8 @@ import time
 import uuid
 from pathlib import Path
 
+from mpisgd.testing import MARKER_VARIABLE, duty_cycle, pid_of_rank
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PATHS = {"shm": {}, "network": {"MPIR_CVAR_NOLOCAL": "1"}}
@@ -50,7 +52,7 @@ def mpiexec(nprocs: int, args: list, *, env: dict | None = None, timeout: float 
     """Run ``mpiexec -n nprocs args``; a hang is killed (with its process group) and reported."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if marker:
-        full_env["MPISGD_BENCH_RUN"] = marker
+        full_env[MARKER_VARIABLE] = marker
     proc = subprocess.Popen([str(BIN / "mpiexec"), "-n", str(nprocs), *map(str, args)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
                             start_new_session=True)
@@ -64,22 +66,6 @@ def mpiexec(nprocs: int, args: list, *, env: dict | None = None, timeout: float 
         raise RuntimeError(f"mpiexec -n {nprocs} {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                            f"{out[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-
-
-def pid_of_rank(marker: str, rank: int, deadline: float) -> int:
-    """PID of world rank ``rank`` of the job whose environment holds MPISGD_BENCH_RUN=marker."""
-    needle = f"MPISGD_BENCH_RUN={marker}".encode()
-    while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    environ = (entry / "environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if needle in environ and f"PMI_RANK={rank}".encode() in environ:
-                    return int(entry.name)
-        time.sleep(0.05)
-    raise RuntimeError(f"rank {rank} not found")
 
 
 class DutyCycle(threading.Thread):
@@ -96,24 +82,12 @@ class DutyCycle(threading.Thread):
 
     def run(self) -> None:
         try:
-            pid = pid_of_rank(self.marker, self.rank, time.monotonic() + 120)
+            pid = pid_of_rank(self.marker, self.rank, timeout=120)
         except RuntimeError:
             return
         while not self.started() and not self.stop.is_set():
             time.sleep(0.01)
-        try:
-            while not self.stop.is_set():
-                os.kill(pid, signal.SIGSTOP)
-                time.sleep(self.period - self.running)
-                os.kill(pid, signal.SIGCONT)
-                time.sleep(self.running)
-        except ProcessLookupError:
-            pass
-        finally:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        duty_cycle(pid, self.stop, stopped_s=self.period - self.running, running_s=self.running)
 
 
 # ---- (a) RMA throughput: the MPI program ----------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 from scipy.optimize import minimize
+
+from mpisgd.testing import MARKER_VARIABLE, duty_cycle, pid_of_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -80,7 +81,7 @@ def run_job(nprocs, args, *, env=None, on_start=None, metrics=None, timeout=900)
         thread = threading.Thread(target=wait_then_act, daemon=True)
         thread.start()
     start = time.perf_counter()
-    environment = {**os.environ, "MPISGD_TEST_MARKER": marker, **(env or {})}
+    environment = {**os.environ, MARKER_VARIABLE: marker, **(env or {})}
     done = subprocess.run(command, check=False, env=environment,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
                           cwd=ROOT)
@@ -93,33 +94,9 @@ def run_job(nprocs, args, *, env=None, on_start=None, metrics=None, timeout=900)
     return elapsed, " ".join(command)
 
 
-def rank_pid(marker, rank, timeout=60.0):
-    wanted = {f"MPISGD_TEST_MARKER={marker}".encode(), f"PMI_RANK={rank}".encode()}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as file:
-                    if wanted <= set(file.read().split(b"\0")):
-                        return int(pid)
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise RuntimeError(f"rank {rank} of {marker} not found")
-
-
 def straggle(rank, stopped_s=0.003, running_s=0.001):
     def act(marker, stop):
-        pid = rank_pid(marker, rank)
-        try:
-            while not stop.is_set():
-                os.kill(pid, signal.SIGSTOP)
-                time.sleep(stopped_s)
-                os.kill(pid, signal.SIGCONT)
-                time.sleep(running_s)
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        duty_cycle(pid_of_rank(marker, rank), stop, stopped_s=stopped_s, running_s=running_s)
     return act
 
 

@@ -27,6 +27,7 @@ from mpisgd.checkpoint import load_checkpoint
 from mpisgd.data import make_classification_h5
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
+from mpisgd.testing import MARKER_VARIABLE, pid_of_rank
 
 TIMEOUT = 120
 PATHS = {"shm": {}, "network": {"MPIR_CVAR_NOLOCAL": "1"}}
@@ -129,38 +130,22 @@ def test_a_worker_leaving_early_does_not_stop_the_job(tmp_path, data, path):
     assert extra["val_accuracy"] >= VALID_MODEL, extra
 
 
-def _pid_of(marker: str, rank: int, deadline: float) -> int:
-    """PID of the process of world rank ``rank`` whose environment holds ``marker``."""
-    while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if marker.encode() in environ and f"PMI_RANK={rank}".encode() in environ:
-                return int(entry.name)
-        time.sleep(0.1)
-    raise AssertionError(f"no process of rank {rank} found")
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 @pytest.mark.parametrize("path", PATHS)
 def test_a_hung_worker_is_counted_dead_and_the_job_still_ends_with_exit_0(tmp_path, data, path):
-    marker = f"MPISGD_TEST_RUN={uuid.uuid4().hex}"
+    marker = uuid.uuid4().hex
     metrics = tmp_path / "run.jsonl"
     outcome = {}
 
     def launch():
         outcome["result"] = train(4, data, "--epochs", "3", "--checkpoint-dir", tmp_path, "--lr", "0.05",
                                   "--worker-timeout", "2", "--metrics", metrics, "--log-every", "4",
-                                  env={**PATHS[path], marker.split("=")[0]: marker.split("=")[1]})
+                                  env={**PATHS[path], MARKER_VARIABLE: marker})
 
     runner = threading.Thread(target=launch)
     runner.start()
     deadline = time.monotonic() + 90
-    pid = _pid_of(marker, 3, deadline)
+    pid = pid_of_rank(marker, 3, timeout=90)
     try:
         while time.monotonic() < deadline:  # let it train a little first
             records = read_metrics(metrics) if metrics.exists() else []

@@ -29,6 +29,7 @@ from mpisgd.checkpoint import load_checkpoint
 from mpisgd.data import make_classification_h5
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
+from mpisgd.testing import MARKER_VARIABLE, duty_cycle, pid_of_rank
 
 TIMEOUT = 120
 WEIGHT_DECAY = 1e-2
@@ -151,22 +152,6 @@ def test_final_objective_matches_scipy(problem, tmp_path_factory, nprocs, server
         assert plot.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", plot.stdout
 
 
-def rank_pid(marker, rank, timeout=60.0):
-    """PID of world rank ``rank`` of the job started with MPISGD_TEST_MARKER=marker in its environment."""
-    wanted = {f"MPISGD_TEST_MARKER={marker}".encode(), f"PMI_RANK={rank}".encode()}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as file:
-                    if wanted <= set(file.read().split(b"\0")):
-                        return int(pid)
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise AssertionError(f"rank {rank} of job {marker} not found")
-
-
 def when_training_started(metrics_path, action, timeout=90.0):
     """Run ``action`` in a thread once the job has logged its first iteration (imports are over)."""
     def wait_then_act():
@@ -187,20 +172,13 @@ def test_straggler_gets_backup_tasks_and_changes_nothing(problem, tmp_path_facto
     slowed = []
 
     def slow_down():  # a 4x straggler: stopped 15 ms of every 20 ms, until the job ends
-        pid = rank_pid(marker, 3)
+        pid = pid_of_rank(marker, 3)
         slowed.append(pid)
-        try:
-            while not stop.is_set():
-                os.kill(pid, signal.SIGSTOP)
-                time.sleep(0.015)
-                os.kill(pid, signal.SIGCONT)
-                time.sleep(0.005)
-        except ProcessLookupError:
-            pass
+        duty_cycle(pid, stop, stopped_s=0.015, running_s=0.005)
 
     thread = when_training_started(tmp_path / "metrics.jsonl", slow_down)
     try:
-        run = sandblaster(4, 1, problem, tmp_path, env={"MPISGD_TEST_MARKER": marker})
+        run = sandblaster(4, 1, problem, tmp_path, env={MARKER_VARIABLE: marker})
     finally:
         stop.set()
         thread.join()
@@ -222,14 +200,14 @@ def test_frozen_worker_is_left_behind_and_the_job_ends(problem, tmp_path):
     frozen = []
 
     def freeze():
-        pid = rank_pid(marker, 4)
+        pid = pid_of_rank(marker, 4)
         os.kill(pid, signal.SIGSTOP)  # never continued: the job's abort has to take it down
         frozen.append(pid)
 
     thread = when_training_started(tmp_path / "metrics.jsonl", freeze)
     try:
         run = sandblaster(5, 1, problem, tmp_path, "--worker-timeout", "2", "--no-backup-tasks",
-                          env={"MPISGD_TEST_MARKER": marker})
+                          env={MARKER_VARIABLE: marker})
     finally:
         thread.join()
         for pid in frozen:  # in case the job did not end it
