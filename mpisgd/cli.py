@@ -83,7 +83,7 @@ def configure_bench_allreduce(args: argparse.Namespace) -> argparse.Namespace:
     from .comm.communicator import ALGORITHM_NAMES
 
     args.sizes = bench.parse_sizes(args.sizes)
-    args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    args.algorithms = [a.strip() for a in (args.algorithms or "").split(",") if a.strip()]
     for name in args.algorithms:
         if name not in ALGORITHM_NAMES:
             raise ConfigError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHM_NAMES)}")
@@ -95,7 +95,9 @@ def run_bench_allreduce(args: argparse.Namespace) -> int:
     from .comm import get_communicator
 
     comm = get_communicator()
-    rows = bench.bench_allreduce(comm, args.sizes, args.algorithms, dtype=args.dtype, warmup=args.warmup,
+    algorithms = args.algorithms or [a for a in ("native", "rhd", "ring", "shm", "auto")
+                                     if a != "shm" or comm.single_node]  # shm serves one node only
+    rows = bench.bench_allreduce(comm, args.sizes, algorithms, dtype=args.dtype, warmup=args.warmup,
                                  iterations=args.iterations)
     _print_rank0(comm, bench.format_table(rows))
     if args.json and comm.rank == 0:
@@ -190,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
-    allreduce = bench_sub.add_parser("allreduce", help="time rhd, ring, native and auto side by side")
+    allreduce = bench_sub.add_parser("allreduce", help="time rhd, ring, shm, native and auto side by side")
     allreduce.add_argument("--sizes", default="4KiB,16KiB,64KiB,256KiB,1MiB,2MiB,4MiB,16MiB,64MiB",
                            help="comma list (4KiB,1MiB) or doubling range (4KiB:64MiB) of message sizes")
-    allreduce.add_argument("--algorithms", default="native,rhd,ring,shm,auto")
+    allreduce.add_argument("--algorithms", default=None,
+                           help="comma list (default: native,rhd,ring,shm,auto; shm only on one node)")
     allreduce.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32", "int64"])
     allreduce.add_argument("--warmup", type=positive_int, default=3)
     allreduce.add_argument("--iterations", type=positive_int, default=None,
