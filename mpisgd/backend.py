@@ -511,9 +511,10 @@ def _fusion_target(x) -> tuple:
     return HOST_OPS, flat_dtype
 
 
-def fusion_buckets(arrays: list, bucket_bytes: int) -> list:
+def fusion_buckets(arrays: list, bucket_bytes: int, *, host_bucket_bytes: Optional[int] = None) -> list:
     """Group arrays by (kind, device, dtype) in first-seen order and cut each group into buckets of
-    at most ``bucket_bytes`` (an array larger than that gets a bucket of its own)."""
+    at most ``bucket_bytes`` (``host_bucket_bytes`` for groups reduced in host memory, if given); an
+    array larger than that gets a bucket of its own."""
     groups: dict = {}
     for arr in arrays:
         device = str(arr.device) if array_kind(arr) == "torch" else array_kind(arr)
@@ -521,11 +522,12 @@ def fusion_buckets(arrays: list, bucket_bytes: int) -> list:
     buckets = []
     for members in groups.values():
         ops, flat_dtype = _fusion_target(members[0])
+        limit = host_bucket_bytes if host_bucket_bytes is not None and ops is HOST_OPS else bucket_bytes
         itemsize = np.dtype(flat_dtype).itemsize
         current, current_bytes = [], 0
         for arr in members:
             size = numel(arr) * itemsize
-            if current and current_bytes + size > bucket_bytes:
+            if current and current_bytes + size > limit:
                 buckets.append(FusionBucket(current, ops, flat_dtype))
                 current, current_bytes = [], 0
             current.append(arr)

@@ -87,38 +87,38 @@ def bench_allreduce(comm: Communicator, sizes: Sequence[int], algorithms: Sequen
     checked = Communicator(comm.mpi, config=AllreduceConfig(check_collectives=True))
     itemsize = np.dtype(dtype).itemsize
     rows = []
-    try:
-        for nbytes in sizes:
-            data = np.zeros(max(nbytes // itemsize, 1), dtype=dtype)  # stays finite however often summed
-            iters = iterations or iterations_for(nbytes)
-            times = {name: [] for name in algorithms}
-            for _ in range(warmup):
-                for name in algorithms:
-                    unchecked.allreduce_(data, algorithm=name)
-            # interleave in rounds of a few calls, rotating who goes first, so noise and the after-effects
-            # of the previous algorithm (ranks out of step on an oversubscribed node) are shared fairly
-            rounds = max(len(algorithms), iters // 5)
-            for round_number in range(rounds):
-                shift = round_number % len(algorithms)
-                for name in algorithms[shift:] + algorithms[:shift]:
-                    times[name] += time_calls(unchecked, lambda: unchecked.allreduce_(data, algorithm=name),
-                                              max(1, iters // rounds))
-            check_time = statistics.median(time_calls(
-                checked, lambda: checked.check_agreement("allreduce", shape=data.shape), 20))
-            native = statistics.median(times["native"]) if "native" in times else None
-            p = comm.size
+    for nbytes in sizes:
+        data = np.zeros(max(nbytes // itemsize, 1), dtype=dtype)  # stays finite however often summed
+        iters = iterations or iterations_for(nbytes)
+        times = {name: [] for name in algorithms}
+        for _ in range(warmup):
             for name in algorithms:
-                t = statistics.median(times[name])
-                rows.append({
-                    "size_bytes": nbytes, "algorithm": name,
-                    "chosen": unchecked.choose_algorithm(nbytes) if name == "auto" else name,
-                    "time_s": t, "busbw_gbs": (nbytes / t) * 2 * (p - 1) / p / 1e9 if p > 1 else 0.0,
-                    "ratio_to_native": t / native if native else None,
-                    "check_overhead_s": check_time, "ranks": p, "dtype": dtype, "calls": len(times[name]),
-                })
-    finally:
-        unchecked.free()
-        checked.free()
+                unchecked.allreduce_(data, algorithm=name)
+        # interleave in rounds of a few calls, rotating who goes first, so noise and the after-effects
+        # of the previous algorithm (ranks out of step on an oversubscribed node) are shared fairly
+        rounds = max(len(algorithms), iters // 5)
+        for round_number in range(rounds):
+            shift = round_number % len(algorithms)
+            for name in algorithms[shift:] + algorithms[:shift]:
+                times[name] += time_calls(unchecked, lambda: unchecked.allreduce_(data, algorithm=name),
+                                          max(1, iters // rounds))
+        check_time = statistics.median(time_calls(
+            checked, lambda: checked.check_agreement("allreduce", shape=data.shape), 20))
+        native = statistics.median(times["native"]) if "native" in times else None
+        p = comm.size
+        for name in algorithms:
+            t = statistics.median(times[name])
+            rows.append({
+                "size_bytes": nbytes, "algorithm": name,
+                "chosen": unchecked.choose_algorithm(nbytes) if name == "auto" else name,
+                "time_s": t, "busbw_gbs": (nbytes / t) * 2 * (p - 1) / p / 1e9 if p > 1 else 0.0,
+                "ratio_to_native": t / native if native else None,
+                "check_overhead_s": check_time, "ranks": p, "dtype": dtype, "calls": len(times[name]),
+            })
+    # collective (shared windows): only on success, so that a rank unwinding from an error does not wait
+    # in it for the others, but reaches the abort of the ``mpisgd`` command
+    unchecked.free()
+    checked.free()
     return rows
 
 

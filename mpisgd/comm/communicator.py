@@ -143,7 +143,8 @@ class Communicator:
         return self._local
 
     def free(self) -> None:
-        """Release the duplicated communicators; later use raises RuntimeError."""
+        """Release the duplicated communicators and the shared window; later use raises RuntimeError.
+        Collective: every rank calls it (freeing a shared window synchronizes the ranks)."""
         if self._shm is not None and not MPI.Is_finalized():
             self._shm.free()
         self._shm = None
@@ -156,8 +157,9 @@ class Communicator:
     def __enter__(self) -> "Communicator":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.free()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:  # collective: a rank unwinding from an error must not wait in it for the others
+            self.free()
 
     def barrier(self) -> None:
         self.mpi.Barrier()
@@ -332,12 +334,13 @@ class Communicator:
             self.check_agreement("allreduce_many", op=op, algorithm=algorithm,
                                  arrays=tuple((n, tuple(a.shape)) for n, a in zip(names, arrays)))
         reduce_op, divisor = ("sum", self.size) if op == "mean" else (op, 1)
+        use_shm = algorithm == "shm" or (algorithm == "auto" and self.shm_for_fusion)
+        buckets = backend.fusion_buckets(arrays, bucket_bytes, host_bucket_bytes=min(
+            bucket_bytes, self.config.shm_area_bytes) if use_shm else None)
         shm = None
-        if algorithm == "shm" or (algorithm == "auto" and self.shm_for_fusion):
+        if use_shm and any(b.ops is backend.HOST_OPS for b in buckets):  # GPU buckets never use the window
             shm = self._shared_memory(required=algorithm == "shm")
-        if shm is not None:
-            bucket_bytes = min(bucket_bytes, shm.area_bytes)
-        for bucket in backend.fusion_buckets(arrays, bucket_bytes):
+        for bucket in buckets:
             nbytes = bucket.numel * np.dtype(bucket.dtype).itemsize
             if (shm is not None and bucket.ops is backend.HOST_OPS and bucket.numel <= shm.capacity(bucket.dtype)
                     and (algorithm == "shm" or nbytes >= SHM_FUSION_MIN_BYTES)):

@@ -8,10 +8,11 @@ and reads the whole result once. Fused buckets go further: ``DistributedOptimize
 packed straight into the slot and unpacked straight from the result, so the all-reduce itself copies
 nothing (measured in BENCHMARKS.md).
 
-Synchronization is MPI's own: ``MPI_Win_sync`` + a barrier (``MPI_Ibarrier`` tested with yields on
-an oversubscribed node) + ``MPI_Win_sync``, as the unified memory model of shared windows asks. Two
-areas alternate between calls, so a rank may start the next call while another still reads the
-result of this one; two barriers per call suffice.
+Synchronization is MPI's own: ``MPI_Win_sync`` + a barrier + ``MPI_Win_sync``, as the unified
+memory model of shared windows asks. The barrier is always ``MPI_Ibarrier`` (a rank that yields the
+CPU while waiting and one that does not must still call the same collective); two barriers per
+call suffice. Two areas alternate between calls, so that a rank that finished reading a result
+can write its next vector while others still read.
 
 Every element of the result is computed by one rank (the owner of its block, summing the slots in
 rank order) and read by all: results are bitwise identical on every rank.
@@ -34,9 +35,10 @@ _CACHE_ELEMENTS = 16384
 class SharedMemoryAllreduce:
     """Slots of ``area_bytes`` per rank (twice: two alternating areas) and one shared result.
 
-    Collective: every rank of ``comm`` constructs it together, and every call is made by all ranks
-    with the same length and dtype (the communicator's mismatch check guards the public API).
-    Raises CommError on every rank when the node's shared memory cannot hold the window.
+    Collective: every rank of ``comm`` constructs it together, every call is made by all ranks
+    with the same length and dtype (the communicator's mismatch check guards the public API), and
+    :meth:`free` is collective too. Raises CommError on every rank when the node's shared memory
+    cannot hold the window (checked on /dev/shm, where MPICH puts it) or MPI cannot allocate it.
     """
 
     def __init__(self, comm: MPI.Comm, area_bytes: int, *, polite: bool) -> None:
@@ -45,12 +47,22 @@ class SharedMemoryAllreduce:
         self.area_bytes = area_bytes - area_bytes % 8
         needed = 2 * self.area_bytes * (self.size + 1)  # every rank's slots + the result
         room = comm.allreduce(_free_shared_memory(), op=MPI.MIN)
-        if room < 2 * needed:
-            raise CommError(f"shared-memory all-reduce needs {needed >> 20} MiB of /dev/shm, "
-                            f"{room >> 20} MiB free; lower MPISGD_SHM_AREA_BYTES or use another algorithm")
-        self.slots_win = MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=comm)
-        self.result_win = MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=comm)
-        for win in (self.slots_win, self.result_win):
+        if room < 2 * needed:  # twice: room for the MPI library's own shared memory and other jobs
+            raise CommError(f"shared-memory all-reduce wants {2 * needed >> 20} MiB free in /dev/shm, "
+                            f"{room >> 20} MiB are; lower MPISGD_SHM_AREA_BYTES or use another algorithm")
+        windows, error = [], None
+        try:
+            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=comm))
+            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=comm))
+        except MPI.Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        errors = [e for e in comm.allgather(error) if e]
+        if errors:
+            for win in windows:
+                win.Free()
+            raise CommError(f"MPI could not allocate the shared-memory window: {errors[0]}")
+        self.slots_win, self.result_win = windows
+        for win in windows:
             win.Lock_all(MPI.MODE_NOCHECK)
         self._memory = [self.slots_win.Shared_query(q)[0] for q in range(self.size)]
         self._result_memory = self.result_win.Shared_query(0)[0]
@@ -103,16 +115,17 @@ class SharedMemoryAllreduce:
     def _barrier(self) -> None:
         self.slots_win.Sync()
         self.result_win.Sync()
+        request = self.comm.Ibarrier()
         if self.polite:
-            request = self.comm.Ibarrier()
             while not request.Test():
                 os.sched_yield()
         else:
-            self.comm.Barrier()
+            request.Wait()
         self.slots_win.Sync()
         self.result_win.Sync()
 
     def free(self) -> None:
+        """Collective (MPI_Win_free synchronizes): every rank calls it, or none."""
         self._views.clear()
         self._memory = []
         self._result_memory = None
