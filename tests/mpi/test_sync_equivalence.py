@@ -120,3 +120,17 @@ def test_non_finite_gradient_is_reported_on_every_rank():
     (model(torch.ones(2, FEATURES)).sum() * scale).backward()
     with pytest.raises(mpisgd.NonFiniteGradientError, match="non-finite"):
         opt.step()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_element_is_found_and_its_parameter_named(value):
+    model = make_model(seed=0)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    model(torch.ones(2, FEATURES)).sum().backward()
+    name, param = list(model.named_parameters())[-1]
+    if RANK == P - 1:
+        param.grad.view(-1)[-1] = value  # one element of one parameter on one rank
+    with pytest.raises(mpisgd.NonFiniteGradientError) as info:
+        opt.step()
+    others = [n for n, _ in model.named_parameters() if n != name]
+    assert name in str(info.value) and not any(n in str(info.value) for n in others), str(info.value)
