@@ -68,7 +68,7 @@ def run_info(args: argparse.Namespace) -> int:
         lines.append(f"array backend {name}: {version_text}")
     cfg = comm.config
     shm = f"shm below {comm.shm_below_bytes} bytes, " if comm.shm_below_bytes else ""
-    shm += "fused buckets through shm, " if comm.shm_for_fusion else ""
+    shm += "fused host buckets from 256 KiB through shm, " if comm.shm_for_fusion else ""
     lines.append(f"allreduce auto: native below {comm.native_below_bytes} bytes, {shm}rhd for power-of-two "
                  f"ranks, {cfg.non_power_of_two} otherwise; collective checks "
                  f"{'on' if cfg.check_collectives else 'off'}")

@@ -54,15 +54,16 @@ class AllreduceConfig:
     Defaults come from measurements on a 2-core machine with the MPICH wheel (see BENCHMARKS.md):
     below ``native_below_bytes`` the MPI library's own Allreduce wins because each Python-level
     step costs microseconds. Where every rank is on one node and ``shared_memory`` is on, ``shm``
-    (a shared-memory window) serves fused buckets of at least 256 KiB (packed straight into the
-    window: nothing else copies less), and single vectors from there up to ``shm_below_bytes``;
+    (a shared-memory window) serves fused host buckets of at least 256 KiB (packed straight into
+    the window: nothing else copies less), and single vectors from ``native_below_bytes`` up to
+    ``shm_below_bytes``;
     above that (and across nodes) ``rhd`` wins for powers of two, and ``non_power_of_two``
     (``ring`` by default: the fold of ``rhd`` idles ranks) for other process counts.
     ``None`` thresholds mean the measured defaults: with more than 2 ranks on one node, native
-    below 1 MiB and shm below 4 MiB (at 256 KiB shm and native were within the noise); otherwise no shm for single vectors (at 2 ranks it was
-    slower than rhd and native from 1 MiB) and native below 2 MiB up to two ranks, 4 MiB beyond.
-    ``shm_area_bytes``: the window's slot per rank (two of them, plus a result); fused buckets are
-    cut to it. Environment overrides: MPISGD_SHM=0|1, MPISGD_AUTO_NATIVE_BELOW,
+    below 1 MiB and shm below 4 MiB (at 256 KiB shm and native were within the noise); otherwise
+    no shm for single vectors (at 2 ranks it was slower than rhd and native from 1 MiB) and native
+    below 2 MiB up to two ranks, 4 MiB beyond. ``shm_area_bytes``: the window's slot per rank (two
+    per rank, and two result areas); fused host buckets are cut to it. Environment overrides: MPISGD_SHM=0|1, MPISGD_AUTO_NATIVE_BELOW,
     MPISGD_AUTO_SHM_BELOW, MPISGD_SHM_AREA_BYTES (bytes), MPISGD_AUTO_NON_POWER_OF_TWO,
     MPISGD_CHECK_COLLECTIVES=0|1, MPISGD_YIELD_WHEN_WAITING=auto|0|1 (rhd/ring/shm wait by yielding
     the CPU instead of spinning; auto: when this node runs more ranks than it has cores).
@@ -182,7 +183,7 @@ class Communicator:
 
     @property
     def shm_for_fusion(self) -> bool:
-        """``auto`` reduces fused buckets through the shared-memory window."""
+        """``auto`` reduces fused host buckets (of at least 256 KiB) through the shared window."""
         return self.size > 1 and self.single_node and self.config.shared_memory and not self._shm_refused
 
     @property
@@ -318,9 +319,10 @@ class Communicator:
                         bucket_bytes: int = DEFAULT_BUCKET_BYTES, check: Optional[bool] = None) -> Sequence[Any]:
         """Reduce many arrays in place with one collective per fused bucket (a model's gradients).
 
-        Arrays are grouped by kind, device and dtype, copied into a grow-only flat buffer per group
-        (float32 for half precision), reduced with one collective per ``bucket_bytes``, and copied
-        back. Returns ``arrays``. ``check=False`` skips the mismatch check for callers that verified
+        Arrays are grouped by kind, device and dtype and cut into buckets of ``bucket_bytes``
+        (host buckets: of the shared window's area, where ``shm`` serves them); each bucket is
+        copied into a flat buffer (float32 for half precision; the window's slot, or a grow-only
+        buffer per backend and dtype), reduced with one collective, and copied back. Returns ``arrays``. ``check=False`` skips the mismatch check for callers that verified
         the layout once already (a training loop reduces the same gradients every step).
         """
         validate_op_and_algorithm(op, algorithm)

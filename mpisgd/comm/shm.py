@@ -33,7 +33,8 @@ _CACHE_ELEMENTS = 16384
 
 
 class SharedMemoryAllreduce:
-    """Slots of ``area_bytes`` per rank (twice: two alternating areas) and one shared result.
+    """Slots of ``area_bytes`` per rank and a shared result of as many bytes, each twice (two
+    alternating areas).
 
     Collective: every rank of ``comm`` constructs it together, every call is made by all ranks
     with the same length and dtype (the communicator's mismatch check guards the public API), and
