@@ -9,8 +9,12 @@ in the allgather, so replicas of a synchronous job cannot drift apart.
 
 * ``rhd``: Rabenseifner (Thakur, Rabenseifner & Gropp 2005): reduce-scatter by recursive halving,
   allgather by recursive doubling; cost 2·lg p·α + 2(p−1)/p·nβ + (p−1)/p·nγ. A process count that
-  is not a power of two is folded to the power of two below it (MPICH's scheme): the first 2r ranks
-  pair up, the even one hands its vector to the odd one and waits for the result.
+  is not a power of two is folded to the power of two below it by a *half-fold* (Rabenseifner's and
+  Open MPI's scheme): the first 2r ranks pair up, each of a pair reduces one half of the two
+  vectors, the even one hands its reduced half to the odd one and waits for the result. Measured
+  against MPICH's whole fold (the even rank hands over its whole vector, the odd one reduces all of
+  it): 0.66-0.90x vs 0.69-0.91x of native at p=5-6, within noise at p=3 (BENCHMARKS.md); the ring
+  and ``shm`` beat both there, so ``auto`` uses those.
 * ``ring``: reduce-scatter then allgather around a ring; 2(p−1)·α + the same β and γ terms, and no
   fold, which makes it the better choice at large sizes for p that are not powers of two.
 * ``native``: the MPI library's own MPI_Allreduce (best for small messages, where every Python-level
@@ -63,14 +67,18 @@ def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = 
     if size == 1 or n == 0:
         return
     pof2 = 1 << (size.bit_length() - 1)
-    folded = size - pof2  # ranks 0..2*folded-1 pair up; the even one of each pair sits out
-    if rank < 2 * folded:
+    folded = size - pof2  # ranks 0..2*folded-1 pair up; the even one of each pair then sits out
+    if rank < 2 * folded:  # the half-fold: each of the pair reduces one half of the pair's vectors
+        half = n // 2
         if rank % 2 == 0:
-            comm.Send(ops.buffer(buf), dest=rank + 1, tag=_TAG_FOLD)
+            exchange(comm, ops, buf[half:], rank + 1, scratch[:half], rank + 1, _TAG_FOLD, polite=polite)
+            ops.reduce_(buf[:half], scratch[:half], op)
+            comm.Send(ops.buffer(buf[:half]), dest=rank + 1, tag=_TAG_FOLD)
             comm.Recv(ops.buffer(buf), source=rank + 1, tag=_TAG_FOLD)
             return
-        comm.Recv(ops.buffer(scratch[:n]), source=rank - 1, tag=_TAG_FOLD)
-        ops.reduce_(buf, scratch[:n], op)
+        exchange(comm, ops, buf[:half], rank - 1, scratch[half:n], rank - 1, _TAG_FOLD, polite=polite)
+        ops.reduce_(buf[half:], scratch[half:n], op)
+        comm.Recv(ops.buffer(buf[:half]), source=rank - 1, tag=_TAG_FOLD)
         vrank = rank // 2
     else:
         vrank = rank - folded
