@@ -271,8 +271,8 @@ def _fail(message: str, code: int, *, every_rank: bool) -> int:
     prefix = f"[rank {rank}] " if size > 1 else ""
     print(prefix + message.rstrip(), file=sys.stderr, flush=True)
     if size > 1 and not every_rank:
-        sys.stdout.flush()
-        MPI.COMM_WORLD.Abort(code)
+        from .comm.abort import abort_world
+        abort_world(code)
     return code
 
 

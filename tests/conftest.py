@@ -5,6 +5,42 @@ launches them through tests/test_mpi_suites.py under mpiexec at several sizes, e
 timeout, and does not collect them itself.
 """
 
+import glob
 import os
 
-collect_ignore = [] if os.environ.get("MPISGD_INNER_MPI_RUN") == "1" else ["mpi"]
+import pytest
+
+INNER_MPI_RUN = os.environ.get("MPISGD_INNER_MPI_RUN") == "1"
+collect_ignore = [] if INNER_MPI_RUN else ["mpi"]
+
+MPICH_SHARED_MEMORY = "/dev/shm/mpich_*"
+
+
+def mapped_by_some_process(path: str) -> bool:
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as file:
+                if path in file.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture(autouse=True)
+def no_stale_mpich_shared_memory():
+    """A job killed by a test (timeouts, SIGKILLed ranks) leaves MPICH's /dev/shm/mpich_shm_* file;
+    a later job whose id hashes to the same name takes it for its own and hangs at start (see
+    mpisgd/comm/abort.py). Remove what this test's jobs left once no process maps it. Never inside
+    an MPI job: there the files belong to the job that runs the test."""
+    if INNER_MPI_RUN:
+        yield
+        return
+    before = set(glob.glob(MPICH_SHARED_MEMORY))
+    yield
+    for path in set(glob.glob(MPICH_SHARED_MEMORY)) - before:
+        if not mapped_by_some_process(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

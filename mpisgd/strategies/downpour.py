@@ -65,6 +65,7 @@ from mpi4py import MPI
 from .. import checkpoint as ckpt
 from ..backend import select_device
 from ..comm import Communicator
+from ..comm.abort import abort_world
 from ..config import TrainConfig
 from ..data.sharding import samples_per_rank
 from ..errors import ConfigError, MpisgdError
@@ -809,7 +810,7 @@ def _finish(job: _Job, summary: dict) -> dict:
             # manager, and hydra's mpiexec then exits with exactly this code. An abort on any other
             # communicator is delivered to its members as messages; they exit, hydra kills the hung rank,
             # and its SIGKILL status leaked into mpiexec's exit status in about half of the runs (measured).
-            MPI.COMM_WORLD.Abort(summary["exit_code"])
+            abort_world(summary["exit_code"])
     if summary.get("abort"):
         while True:  # server 0 is about to abort the job; a collective here would never complete
             time.sleep(1)

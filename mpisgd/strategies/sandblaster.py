@@ -65,6 +65,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..comm import Communicator
+from ..comm.abort import abort_world
 from ..config import TrainConfig
 from ..data import ShardedHDF5
 from ..errors import ConfigError, MpisgdError
@@ -245,9 +246,7 @@ def _end_job_at_exit(comm, roles: Roles, role: str, lost: list, exit_code: int) 
             print(f"mpisgd: sandblaster lost worker rank(s) {', '.join(map(str, lost))} and finished "
                   f"without them; ending the job with MPI_Abort({exit_code}) because MPI_Finalize would "
                   "wait for them forever", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            from mpi4py import MPI
-            MPI.COMM_WORLD.Abort(exit_code)
+            abort_world(exit_code)
         atexit.register(abort_when_everyone_is_done)
     else:
         def report_done_and_wait() -> None:

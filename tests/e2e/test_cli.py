@@ -1,5 +1,6 @@
 """The `mpisgd` command end to end, in subprocesses under mpiexec (each with a timeout)."""
 
+import glob
 import json
 import re
 import subprocess
@@ -80,9 +81,12 @@ def test_uncaught_exception_on_one_rank_aborts_the_whole_job(tmp_path):
         cli._extra_commands.append(register)
         sys.exit(cli.main(["explode"]))
     """))
+    before = set(glob.glob("/dev/shm/mpich_*"))
     result = run_mpi(3, [sys.executable, str(script)], timeout=60)
     assert result.returncode != 0
     assert "[rank 1]" in result.stdout and "rank one went wrong" in result.stdout
+    # MPI_Abort would leave MPICH's node-wide file; a later job with the same id would hang on it
+    assert not set(glob.glob("/dev/shm/mpich_*")) - before
 
 
 def test_python_dash_m_is_the_command():

@@ -130,9 +130,39 @@ def test_a_worker_leaving_early_does_not_stop_the_job(tmp_path, data, path):
     assert extra["val_accuracy"] >= VALID_MODEL, extra
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
+def assert_finished_without_worker_3(result, tmp_path, metrics, *, steps_of_worker_3=None):
+    assert result.returncode == 0, result.stdout
+    assert "worker rank 3: no heartbeat" in result.stdout and "MPI_Abort" in result.stdout
+    assert "finished after" in result.stdout
+    _, extra = final_model(tmp_path)
+    # 3 workers x 22 batches x 3 epochs, less at most the step the hung worker had claimed: the live
+    # workers took over its share
+    steps = extra["worker_steps"]
+    assert 197 <= sum(steps) <= 198 and steps[2] < sum(steps) - 2, extra
+    if steps_of_worker_3 is not None:
+        assert steps[2] == steps_of_worker_3, extra
+    assert extra["val_accuracy"] >= VALID_MODEL, extra
+    assert read_metrics(metrics)[-1]["dead_workers"] == [3]
+
+
 @pytest.mark.parametrize("path", PATHS)
-def test_a_hung_worker_is_counted_dead_and_the_job_still_ends_with_exit_0(tmp_path, data, path):
+def test_a_worker_hung_in_its_own_code_is_counted_dead_and_the_job_ends_with_exit_0(tmp_path, data, path):
+    """Rank 3 stops at its 5th step without entering MPI again (a deadlock or an endless loop in user
+    code); the job finishes without it."""
+    metrics = tmp_path / "run.jsonl"
+    result = train(4, data, "--epochs", "3", "--checkpoint-dir", tmp_path, "--lr", "0.05", "--worker-timeout",
+                   "2", "--metrics", metrics, "--log-every", "4",
+                   env={**PATHS[path], "MPISGD_TEST_WORKER_FAULT": "3:5:sleep:600"})
+    assert "sleeping 600.0 s at step 5" in result.stdout, result.stdout
+    assert_finished_without_worker_3(result, tmp_path, metrics, steps_of_worker_3=5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
+def test_a_worker_frozen_from_outside_is_counted_dead_and_the_job_ends_with_exit_0(tmp_path, data):
+    """SIGSTOP on rank 3's process at any moment. On MPICH's network path (as between nodes) only:
+    on its shared-memory path a process frozen *inside* an Accumulate keeps MPICH's lock of that
+    window, and every other rank's RMA on the window waits for it (measured: this test hung in
+    about 1 run of 3 there; see the README)."""
     marker = uuid.uuid4().hex
     metrics = tmp_path / "run.jsonl"
     outcome = {}
@@ -140,7 +170,7 @@ def test_a_hung_worker_is_counted_dead_and_the_job_still_ends_with_exit_0(tmp_pa
     def launch():
         outcome["result"] = train(4, data, "--epochs", "3", "--checkpoint-dir", tmp_path, "--lr", "0.05",
                                   "--worker-timeout", "2", "--metrics", metrics, "--log-every", "4",
-                                  env={**PATHS[path], MARKER_VARIABLE: marker})
+                                  env={**PATHS["network"], MARKER_VARIABLE: marker})
 
     runner = threading.Thread(target=launch)
     runner.start()
@@ -160,18 +190,7 @@ def test_a_hung_worker_is_counted_dead_and_the_job_still_ends_with_exit_0(tmp_pa
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    result = outcome["result"]
-    assert result.returncode == 0, result.stdout
-    assert "worker rank 3: no heartbeat" in result.stdout and "MPI_Abort" in result.stdout
-    assert "finished after" in result.stdout
-    _, extra = final_model(tmp_path)
-    # 3 workers x 22 batches x 3 epochs, less at most the step the stopped worker had claimed: the live
-    # workers took over the stopped one's share (how much it had done before the stop depends on the
-    # scheduler: it may have run ahead of the others while they started)
-    steps = extra["worker_steps"]
-    assert 197 <= sum(steps) <= 198 and steps[2] < sum(steps) - 2, extra
-    assert extra["val_accuracy"] >= VALID_MODEL, extra
-    assert read_metrics(metrics)[-1]["dead_workers"] == [3]
+    assert_finished_without_worker_3(outcome["result"], tmp_path, metrics)
 
 
 def test_non_finite_gradients_are_never_applied(tmp_path, data):

@@ -1,0 +1,40 @@
+"""Ending a whole job with MPI_Abort without leaving MPICH's shared memory behind.
+
+MPICH maps one node-wide file, /dev/shm/mpich_shm_<job id>_<node>, at MPI_Init and removes it at
+MPI_Finalize; MPI_Abort leaves it. A later job whose id hashes to the same name (hydra's job ids
+come from process ids, which wrap) finds the stale file, takes it for its own and hangs at start:
+seen in this project's CI after a few hundred aborted test jobs. Every rank of the job has mapped
+the file long before anyone aborts, so unlinking it first changes nothing for this job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SHARED_MEMORY_DIR = "/dev/shm/"
+
+
+def mapped_mpich_files() -> list:
+    """Paths of MPICH's shared-memory files that this process maps (empty where /proc is absent)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if SHARED_MEMORY_DIR + "mpich_" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith(SHARED_MEMORY_DIR) and not p.endswith("(deleted)"))
+
+
+def abort_world(code: int) -> None:
+    """MPI_Abort on COMM_WORLD (hydra's mpiexec then exits with ``code``), after removing the
+    shared-memory files the abort would leave behind."""
+    from mpi4py import MPI
+
+    for path in mapped_mpich_files():
+        try:
+            os.unlink(path)
+        except OSError:  # another rank of this node was first
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
