@@ -29,10 +29,9 @@ def mapped_by_some_process(path: str) -> bool:
 
 @pytest.fixture(autouse=True)
 def no_stale_mpich_shared_memory():
-    """A job killed by a test (timeouts, SIGKILLed ranks) leaves MPICH's /dev/shm/mpich_shm_* file;
-    a later job whose id hashes to the same name takes it for its own and hangs at start (see
-    mpisgd/comm/abort.py). Remove what this test's jobs left once no process maps it. Never inside
-    an MPI job: there the files belong to the job that runs the test."""
+    """A job killed by a test (timeouts, SIGKILLed ranks) leaves MPICH's /dev/shm/mpich_shm_* file,
+    which holds RAM until removed (see mpisgd/comm/abort.py). Remove what this test's jobs left once
+    no process maps it. Never inside an MPI job: there the files belong to the job running it."""
     if INNER_MPI_RUN:
         yield
         return
