@@ -785,6 +785,32 @@ def _failure_message(summary: dict) -> str:
     return "every worker failed; see their messages above"
 
 
+def _print_finished(job: _Job, summary: dict) -> None:
+    """The line the ``mpisgd`` command prints at the end, printed by server 0 before an MPI_Abort."""
+    accuracy = summary.get("val_accuracy")
+    accuracy_text = "n/a" if accuracy is None else f"{accuracy:.4f}"
+    print(f"mpisgd train: {job.cfg.strategy} finished after {summary['steps']} steps "
+          f"({summary['stopped']}); validation accuracy {accuracy_text}", flush=True)
+
+
+def _meet_before_freeing_windows(job: _Job, summary: dict) -> None:
+    """Freeing the windows is collective: a rank that stops (hangs, is frozen) after its last report
+    would hold every other rank in MPI_Win_free forever (seen in the tests: a worker frozen right as
+    the job ended). So all ranks first meet in an MPI_Ibarrier; if not everyone has arrived within
+    --worker-timeout, server 0 (the final model is written) ends the job with MPI_Abort instead."""
+    request = job.comm.mpi.Ibarrier()
+    deadline = time.monotonic() + job.cfg.worker_timeout
+    while not request.Test():
+        if job.comm.rank == job.roles.servers[0] and time.monotonic() > deadline:
+            _print_finished(job, summary)
+            job.log(f"not every rank reached the end of the job within --worker-timeout "
+                    f"{job.cfg.worker_timeout:g} s; the final model is written, ending the job with "
+                    f"MPI_Abort(errorcode={summary['exit_code']}) so that mpiexec does not wait for them")
+            time.sleep(ABORT_GRACE_S)
+            abort_world(summary["exit_code"])
+        time.sleep(WAIT_SLEEP_S)
+
+
 def _finish(job: _Job, summary: dict) -> dict:
     """Free the windows and return, or, with a dead worker, end the job with MPI_Abort (see the module
     docstring): the final model is already written, and the hung process could never join a collective."""
@@ -792,10 +818,7 @@ def _finish(job: _Job, summary: dict) -> dict:
         for rank in summary.get("failed_workers", []):
             job.log(f"worker rank {rank} failed")
         if summary["abort"]:
-            accuracy = summary.get("val_accuracy")
-            accuracy_text = "n/a" if accuracy is None else f"{accuracy:.4f}"
-            print(f"mpisgd train: {job.cfg.strategy} finished after {summary['steps']} steps "
-                  f"({summary['stopped']}); validation accuracy {accuracy_text}", flush=True)
+            _print_finished(job, summary)
             dead = ", ".join(map(str, summary["dead_workers"]))
             job.log(f"worker rank(s) {dead} never finished; the final model is written, ending the job with "
                     f"MPI_Abort(errorcode={summary['exit_code']}) so that mpiexec does not wait for them")
@@ -814,6 +837,7 @@ def _finish(job: _Job, summary: dict) -> dict:
     if summary.get("abort"):
         while True:  # server 0 is about to abort the job; a collective here would never complete
             time.sleep(1)
+    _meet_before_freeing_windows(job, summary)
     job.windows.free()
     if summary["exit_code"]:
         error = MpisgdError(_failure_message(summary))

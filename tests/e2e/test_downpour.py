@@ -158,11 +158,10 @@ def test_a_worker_hung_in_its_own_code_is_counted_dead_and_the_job_ends_with_exi
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
-def test_a_worker_frozen_from_outside_is_counted_dead_and_the_job_ends_with_exit_0(tmp_path, data):
-    """SIGSTOP on rank 3's process at any moment. On MPICH's network path (as between nodes) only:
-    on its shared-memory path a process frozen *inside* an Accumulate keeps MPICH's lock of that
-    window, and every other rank's RMA on the window waits for it (measured: this test hung in
-    about 1 run of 3 there; see the README)."""
+@pytest.mark.parametrize("path", PATHS)
+def test_a_worker_frozen_from_outside_is_counted_dead_and_the_job_ends_with_exit_0(tmp_path, data, path):
+    """SIGSTOP on rank 3's process once it has made a few steps: during training, or (the job is
+    short) just as it ends, when the other ranks would wait for it in the collective MPI_Win_free."""
     marker = uuid.uuid4().hex
     metrics = tmp_path / "run.jsonl"
     outcome = {}
@@ -170,7 +169,7 @@ def test_a_worker_frozen_from_outside_is_counted_dead_and_the_job_ends_with_exit
     def launch():
         outcome["result"] = train(4, data, "--epochs", "3", "--checkpoint-dir", tmp_path, "--lr", "0.05",
                                   "--worker-timeout", "2", "--metrics", metrics, "--log-every", "4",
-                                  env={**PATHS["network"], MARKER_VARIABLE: marker})
+                                  env={**PATHS[path], MARKER_VARIABLE: marker})
 
     runner = threading.Thread(target=launch)
     runner.start()
@@ -190,7 +189,13 @@ def test_a_worker_frozen_from_outside_is_counted_dead_and_the_job_ends_with_exit
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert_finished_without_worker_3(outcome["result"], tmp_path, metrics)
+    result = outcome["result"]
+    if "not every rank reached the end of the job" in result.stdout:  # frozen after its last step
+        assert result.returncode == 0 and "finished after" in result.stdout, result.stdout
+        _, extra = final_model(tmp_path)
+        assert sum(extra["worker_steps"]) == 198 and extra["val_accuracy"] >= VALID_MODEL, extra
+        return
+    assert_finished_without_worker_3(result, tmp_path, metrics)
 
 
 def test_non_finite_gradients_are_never_applied(tmp_path, data):
