@@ -307,11 +307,9 @@ class Communicator:
                 raise ConfigError("algorithm 'shm' reduces host memory; GPU buffers with CUDA-aware MPI "
                                   "need rhd, ring or native")
             self._shared_memory().allreduce_(flat, op)
-            if op == "mean":
-                ops.divide_(flat, self.size)
-            return
-        scratch = None if algorithm == "native" else self._scratch(ops, _dtype(flat), n, "scratch")
-        ALGORITHMS[algorithm](self.mpi, flat, scratch, ops, op, polite=self.polite)
+        else:
+            scratch = None if algorithm == "native" else self._scratch(ops, _dtype(flat), n, "scratch")
+            ALGORITHMS[algorithm](self.mpi, flat, scratch, ops, op, polite=self.polite)
         if op == "mean":
             ops.divide_(flat, self.size)
 
