@@ -22,7 +22,8 @@ their row; server 0 (the coordinator) reads it to log metrics, to count a worker
 ``--worker-timeout`` seconds without a heartbeat, to open the ``--warmstart-steps`` gate, and to publish
 the phase of the job: TRAINING -> STOPPING (target accuracy reached, or a non-finite gradient with
 ``--on-nonfinite stop``) -> DRAINING (every worker done, failed or dead: servers apply what is left)
--> FINISHED (final model written). Server 0 also evaluates the current parameters on the validation
+-> FINISHED (final model written: with a target accuracy, the evaluated parameters that reached
+it). Server 0 also evaluates the current parameters on the validation
 set every ``--eval-every`` pushes (default: once per epoch of data) and writes checkpoints; the
 servers gather their shards for it with collectives among servers only.
 
@@ -562,6 +563,7 @@ class _Coordinator:
                          "versions": None}
         self.eval_params = np.zeros(job.layout.num_params, dtype=np.float32)
         self.eval_model = job.model
+        self.target_snapshot: tuple | None = None  # (params, board rows, accuracy) that reached the target
 
     # ---- board --------------------------------------------------------------------------------
     def _set_header(self, field_index: int, value: float) -> None:
@@ -711,6 +713,7 @@ class _Coordinator:
         if target is not None and self.val_accuracy >= target and self.stop_reason is None:
             self.job.log(f"validation accuracy {self.val_accuracy:.4f} >= {target} after {step} pushes: "
                          "stopping")
+            self.target_snapshot = (self.eval_params.copy(), self._read_rows().copy(), self.val_accuracy)
             self._request_stop("target_accuracy")
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -722,10 +725,12 @@ class _Coordinator:
                                counters, step, self._read_rows())
 
     def _write_checkpoint(self, path: Path, params: np.ndarray, rule_state: dict, counters: list, step: int,
-                          rows: np.ndarray) -> None:
+                          rows: np.ndarray, model: tuple | None = None) -> None:
+        """``model``: (params, board rows, accuracy) of an earlier snapshot to write as the model instead."""
         cfg, job = self.cfg, self.job
         Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        self._load_eval_model(params, rows)
+        model_params, model_rows, accuracy = model or (params, rows, self.val_accuracy)
+        self._load_eval_model(model_params, model_rows)
         ckpt.save_checkpoint(
             path, model_state=self.eval_model.state_dict(),
             optimizer_state={"rule": job.rule_name,
@@ -735,7 +740,7 @@ class _Coordinator:
                    "servers": job.layout.num_shards, "workers": job.num_workers,
                    "worker_steps": [int(v) for v in rows[:, BoardLayout.STEPS]],
                    "shard_versions": [int(c[VERSION]) for c in counters],
-                   "val_accuracy": self.val_accuracy})
+                   "val_accuracy": accuracy})
 
     # ---- the end ------------------------------------------------------------------------------
     def _finish(self, params: np.ndarray, rule_state: dict, counters: list) -> dict:
@@ -755,10 +760,17 @@ class _Coordinator:
         self._load_eval_model(params, rows)
         if job.data.val is not None:
             self.val_accuracy = self._evaluate()
+        # the resumable checkpoint holds the servers' state as drained; the final model is the evaluated
+        # snapshot that reached --target-accuracy, where there is one: the updates still in flight when
+        # the workers were told to stop would otherwise move it off the target (seen in CI: 0.85 -> 0.74)
+        final_model = self.target_snapshot if self.stop_reason == "target_accuracy" else None
         if cfg.checkpoint_dir:
-            resumable = ckpt.checkpoint_path(cfg.checkpoint_dir, step)
-            for path in (resumable, Path(cfg.checkpoint_dir) / "final.h5"):
-                self._write_checkpoint(path, params, rule_state, counters, step, rows)
+            self._write_checkpoint(ckpt.checkpoint_path(cfg.checkpoint_dir, step), params, rule_state,
+                                   counters, step, rows)
+            self._write_checkpoint(Path(cfg.checkpoint_dir) / "final.h5", params, rule_state, counters, step,
+                                   rows, model=final_model)
+        if final_model is not None:
+            self.val_accuracy = final_model[2]
         self._log_metrics(rows, step, val_accuracy=self.val_accuracy)
         exit_code = 1 if self.stop_reason in ("nonfinite", "no_workers") else 0
         summary = {"steps": step, "stopped": self.stop_reason, "val_accuracy": self.val_accuracy,
