@@ -69,6 +69,8 @@ def run_info(args: argparse.Namespace) -> int:
     cfg = comm.config
     shm = f"shm below {comm.shm_below_bytes} bytes, " if comm.shm_below_bytes else ""
     shm += "fused host buckets from 256 KiB through shm, " if comm.shm_for_fusion else ""
+    shm += ("hier (each node's sum through its window, then across nodes) from there and for fused host "
+            "buckets, " if comm.hierarchical else "")
     lines.append(f"allreduce auto: native below {comm.native_below_bytes} bytes, {shm}rhd for power-of-two "
                  f"ranks, {cfg.non_power_of_two} otherwise; collective checks "
                  f"{'on' if cfg.check_collectives else 'off'}")
@@ -95,8 +97,9 @@ def run_bench_allreduce(args: argparse.Namespace) -> int:
     from .comm import get_communicator
 
     comm = get_communicator()
-    algorithms = args.algorithms or [a for a in ("native", "rhd", "ring", "shm", "auto")
-                                     if a != "shm" or comm.single_node]  # shm serves one node only
+    window = {"shm": comm.single_node, "hier": comm.num_nodes > 1 and comm.uniform_nodes and comm.local_size > 1}
+    algorithms = args.algorithms or [a for a in ("native", "rhd", "ring", "shm", "hier", "auto")
+                                     if window.get(a, True)]  # shm serves one node, hier several alike
     rows = bench.bench_allreduce(comm, args.sizes, algorithms, dtype=args.dtype, warmup=args.warmup,
                                  iterations=args.iterations)
     _print_rank0(comm, bench.format_table(rows))

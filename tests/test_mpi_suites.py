@@ -1,7 +1,10 @@
 """Run the in-MPI test suites (tests/mpi) under mpiexec at several process counts.
 
 1, 2, 3 (not a power of two) and 4 ranks for everything; 5..8 ranks for the all-reduce
-correctness tests (oversubscribed on small machines, which is fine for correctness).
+correctness tests (oversubscribed on small machines, which is fine for correctness); and the
+all-reduce and synchronous-training tests across nodes, made on one machine by MPICH itself:
+MPIR_CVAR_NUM_CLIQUES=k splits the ranks into k nodes of consecutive ranks, MPIR_CVAR_ODD_EVEN_CLIQUES
+into even and odd ranks; MPI then has no shared memory between them, as between hosts.
 """
 
 import sys
@@ -13,10 +16,10 @@ from helpers import run_mpi
 INNER = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--timeout=120"]
 
 
-def _run_suite(nprocs: int, selection: list[str], timeout: float) -> None:
+def _run_suite(nprocs: int, selection: list[str], timeout: float, env: dict | None = None) -> None:
     result = run_mpi(nprocs, [sys.executable, *INNER, *selection], timeout=timeout,
-                     env={"MPISGD_INNER_MPI_RUN": "1"})
-    assert result.returncode == 0, f"tests/mpi failed at {nprocs} ranks:\n{result.stdout[-20000:]}"
+                     env={"MPISGD_INNER_MPI_RUN": "1", **(env or {})})
+    assert result.returncode == 0, f"tests/mpi failed at {nprocs} ranks {env or ''}:\n{result.stdout[-20000:]}"
 
 
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
@@ -27,3 +30,17 @@ def test_mpi_suite(nprocs):
 @pytest.mark.parametrize("nprocs", [5, 6, 7, 8])
 def test_allreduce_correctness_many_ranks(nprocs):
     _run_suite(nprocs, ["tests/mpi/test_allreduce.py", "-k", "matches_mpi"], timeout=600)
+
+
+@pytest.mark.parametrize("nprocs, nodes", [
+    (4, {"MPIR_CVAR_NUM_CLIQUES": "2", "MPISGD_HIERARCHICAL": "1"}),  # 2 nodes of 2, auto takes hier
+    (4, {"MPIR_CVAR_ODD_EVEN_CLIQUES": "1"}),  # nodes {0, 2} and {1, 3}
+    (3, {"MPIR_CVAR_NUM_CLIQUES": "2"}),  # nodes of 2 and 1: hier refused, auto goes around it
+    (6, {"MPIR_CVAR_NUM_CLIQUES": "3"}),  # 3 nodes of 2: blocks cross between 3 ranks (not a power of two)
+    (8, {"MPIR_CVAR_NUM_CLIQUES": "2"}),  # 2 nodes of 4
+], ids=["2x2", "2x2-odd-even", "2+1", "3x2", "2x4"])
+def test_across_nodes(nprocs, nodes):
+    selection = ["tests/mpi/test_allreduce.py"]
+    if "MPISGD_HIERARCHICAL" in nodes:
+        selection.append("tests/mpi/test_sync_equivalence.py")  # training with fused buckets through hier
+    _run_suite(nprocs, selection, timeout=600, env=nodes)

@@ -20,7 +20,7 @@ from .algorithms import ALGORITHMS
 from .shm import SharedMemoryAllreduce
 
 OPS = ("sum", "mean", "max", "min")
-ALGORITHM_NAMES = ("auto", "rhd", "ring", "shm", "native")
+ALGORITHM_NAMES = ("auto", "rhd", "ring", "shm", "hier", "native")
 NON_POWER_OF_TWO_CHOICES = ("ring", "rhd")
 DEFAULT_BUCKET_BYTES = 64 << 20
 #: fused buckets from this size go through the shared window under ``auto`` (below, MPI's own
@@ -57,14 +57,20 @@ class AllreduceConfig:
     (a shared-memory window) serves fused host buckets of at least 256 KiB (packed straight into
     the window: nothing else copies less), and single vectors from ``native_below_bytes`` up to
     ``shm_below_bytes``;
-    above that (and across nodes) ``rhd`` wins for powers of two, and ``non_power_of_two``
-    (``ring`` by default: the fold of ``rhd`` idles ranks) for other process counts.
+    above that ``rhd`` wins for powers of two, and ``non_power_of_two``
+    (``ring`` by default: the fold of ``rhd`` idles ranks) for other process counts. Across nodes
+    with several ranks on a node, native only below 512 KiB. ``hierarchical`` (off by default, as in
+    Horovod) makes ``auto`` use ``hier`` across nodes with the same number of ranks on each (more than
+    one) from ``native_below_bytes``, fused buckets included: each node's ranks sum through the
+    window and only the node's sum crosses the network, split over its ranks. It sends a node's
+    vector over the network once instead of once per rank, but copies more in memory; on nodes
+    emulated on one machine, where the "network" is as fast as memory, it lost to rhd/ring.
     ``None`` thresholds mean the measured defaults: with more than 2 ranks on one node, native
     below 1 MiB and shm below 4 MiB (at 256 KiB shm and native were within the noise); otherwise
     no shm for single vectors (at 2 ranks it was slower than rhd and native from 1 MiB) and native
     below 2 MiB up to two ranks, 4 MiB beyond. ``shm_area_bytes``: the window's slot per rank (two
     per rank, and two result areas); fused host buckets are cut to it. Environment overrides: MPISGD_SHM=0|1, MPISGD_AUTO_NATIVE_BELOW,
-    MPISGD_AUTO_SHM_BELOW, MPISGD_SHM_AREA_BYTES (bytes), MPISGD_AUTO_NON_POWER_OF_TWO,
+    MPISGD_AUTO_SHM_BELOW, MPISGD_SHM_AREA_BYTES (bytes), MPISGD_AUTO_NON_POWER_OF_TWO, MPISGD_HIERARCHICAL=0|1,
     MPISGD_CHECK_COLLECTIVES=0|1, MPISGD_YIELD_WHEN_WAITING=auto|0|1 (rhd/ring/shm wait by yielding
     the CPU instead of spinning; auto: when this node runs more ranks than it has cores).
     """
@@ -73,6 +79,7 @@ class AllreduceConfig:
     shared_memory: bool = field(default_factory=lambda: _env_flag("MPISGD_SHM", True))
     shm_below_bytes: Optional[int] = field(default_factory=lambda: _env_int("MPISGD_AUTO_SHM_BELOW", None))
     shm_area_bytes: int = field(default_factory=lambda: _env_int("MPISGD_SHM_AREA_BYTES", 4 << 20))
+    hierarchical: bool = field(default_factory=lambda: _env_flag("MPISGD_HIERARCHICAL", False))
     non_power_of_two: str = field(
         default_factory=lambda: os.environ.get("MPISGD_AUTO_NON_POWER_OF_TWO", "ring"))
     check_collectives: bool = field(default_factory=lambda: _env_flag("MPISGD_CHECK_COLLECTIVES", True))
@@ -120,6 +127,10 @@ class Communicator:
         self.local_rank = self._local.Get_rank()
         self.local_size = self._local.Get_size()
         self.num_nodes = self._mpi.allreduce(1 if self.local_rank == 0 else 0)
+        # the same local rank on every node: the ranks that reduce the same block across nodes ("hier")
+        self._cross: Optional[MPI.Comm] = self._mpi.Split(self.local_rank, key=self.rank)
+        self.most_ranks_per_node = self._mpi.allreduce(self.local_size, op=MPI.MAX)
+        self.uniform_nodes = self._mpi.allreduce(self.local_size, op=MPI.MIN) == self.most_ranks_per_node
         self._workspace: dict = {}
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.oversubscribed = self.local_size > cores
@@ -149,10 +160,10 @@ class Communicator:
         if self._shm is not None and not MPI.Is_finalized():
             self._shm.free()
         self._shm = None
-        for c in (self._local, self._mpi):
+        for c in (self._cross, self._local, self._mpi):
             if c is not None and not MPI.Is_finalized():
                 c.Free()
-        self._mpi = self._local = None
+        self._mpi = self._local = self._cross = None
         self._workspace.clear()
 
     def __enter__(self) -> "Communicator":
@@ -187,6 +198,12 @@ class Communicator:
         return self.size > 1 and self.single_node and self.config.shared_memory and not self._shm_refused
 
     @property
+    def hierarchical(self) -> bool:
+        """``auto`` reduces host buffers across nodes with ``hier`` (fused buckets: of any size)."""
+        return (self.num_nodes > 1 and self.uniform_nodes and self.local_size > 1 and self.config.hierarchical
+                and self.config.shared_memory and not self._shm_refused)
+
+    @property
     def shm_below_bytes(self) -> int:
         """Single vectors from ``native_below_bytes`` up to this go to ``shm`` under ``auto``."""
         if not self.shm_for_fusion:
@@ -197,11 +214,14 @@ class Communicator:
 
     @property
     def native_below_bytes(self) -> int:
-        """Messages smaller than this go to the MPI library's own Allreduce under ``auto``."""
+        """Messages smaller than this go to the MPI library's own Allreduce under ``auto`` (the same on
+        every rank: it decides which collective they all enter)."""
         if self.config.native_below_bytes is not None:
             return self.config.native_below_bytes
         if self.shm_below_bytes > 0:
             return 1 << 20
+        if self.num_nodes > 1 and self.most_ranks_per_node > 1:
+            return 512 << 10  # there MPICH's own fell to 0.3x of rhd/ring from 1 MiB (BENCHMARKS.md)
         return 2 << 20 if self.size <= 2 else 4 << 20
 
     def choose_algorithm(self, nbytes: int, *, host: bool = True) -> str:
@@ -210,6 +230,8 @@ class Communicator:
             return "native"
         if host and nbytes < self.shm_below_bytes:
             return "shm"
+        if host and self.hierarchical:
+            return "hier"
         return self._large_message_algorithm()
 
     def _large_message_algorithm(self) -> str:
@@ -219,9 +241,6 @@ class Communicator:
         """The shared window, created on first use (collectively: all ranks choose shm together).
         When /dev/shm is too small, ``auto`` (``required=False``) gets None and uses the others."""
         if self._shm is None and (required or not self._shm_refused):
-            if not self.single_node:
-                raise ConfigError(f"algorithm 'shm' needs every rank on one node; this communicator spans "
-                                  f"{self.num_nodes} nodes")
             try:
                 self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite)
             except CommError:  # the same verdict on every rank: the free space is agreed by MPI_MIN
@@ -300,18 +319,45 @@ class Communicator:
         if algorithm == "auto":
             algorithm = self.choose_algorithm(n * flat.itemsize if hasattr(flat, "itemsize")
                                               else n * flat.element_size(), host=ops is backend.HOST_OPS)
-            if algorithm == "shm" and self._shared_memory(required=False) is None:
+            if algorithm in ("shm", "hier") and self._shared_memory(required=False) is None:
                 algorithm = self._large_message_algorithm()
-        if algorithm == "shm":
-            if ops is not backend.HOST_OPS:
-                raise ConfigError("algorithm 'shm' reduces host memory; GPU buffers with CUDA-aware MPI "
-                                  "need rhd, ring or native")
-            self._shared_memory().allreduce_(flat, op)
+        if algorithm in ("shm", "hier"):
+            self._check_window_algorithm(algorithm, ops)
+            self._shared_memory().allreduce_(flat, op, self._across_nodes(op) if algorithm == "hier" else None)
         else:
             scratch = None if algorithm == "native" else self._scratch(ops, _dtype(flat), n, "scratch")
             ALGORITHMS[algorithm](self.mpi, flat, scratch, ops, op, polite=self.polite)
         if op == "mean":
             ops.divide_(flat, self.size)
+
+    def _check_window_algorithm(self, algorithm: str, ops) -> None:
+        if ops is not backend.HOST_OPS:
+            raise ConfigError(f"algorithm {algorithm!r} reduces host memory; GPU buffers with CUDA-aware MPI "
+                              "need rhd, ring or native")
+        if algorithm == "shm" and not self.single_node:
+            raise ConfigError(f"algorithm 'shm' needs every rank on one node; this communicator spans "
+                              f"{self.num_nodes} nodes (use 'hier')")
+        if algorithm == "hier" and not self.uniform_nodes:
+            raise ConfigError("algorithm 'hier' needs the same number of ranks on every node")
+
+    def _across_nodes(self, op: str):
+        """For ``hier``: all-reduce one block of this node's sum with the same block of the other nodes."""
+        cross = self._cross
+        if cross is None or cross.Get_size() == 1:
+            return None
+
+        def reduce_block(block: np.ndarray) -> None:
+            if len(block):
+                nbytes = block.nbytes
+                if nbytes < self.native_below_bytes:
+                    algorithm = "native"
+                else:
+                    size = cross.Get_size()
+                    algorithm = "rhd" if size & (size - 1) == 0 else self.config.non_power_of_two
+                scratch = None if algorithm == "native" else self._scratch(backend.HOST_OPS, block.dtype.name,
+                                                                         len(block), "cross")
+                ALGORITHMS[algorithm](cross, block, scratch, backend.HOST_OPS, op, polite=self.polite)
+        return reduce_block
 
     def allreduce_many_(self, arrays: Sequence[Any], op: str = "sum", *, algorithm: str = "auto",
                         bucket_bytes: int = DEFAULT_BUCKET_BYTES, check: Optional[bool] = None) -> Sequence[Any]:
@@ -334,19 +380,23 @@ class Communicator:
             self.check_agreement("allreduce_many", op=op, algorithm=algorithm,
                                  arrays=tuple((n, tuple(a.shape)) for n, a in zip(names, arrays)))
         reduce_op, divisor = ("sum", self.size) if op == "mean" else (op, 1)
-        use_shm = algorithm == "shm" or (algorithm == "auto" and self.shm_for_fusion)
+        hier = algorithm == "hier" or (algorithm == "auto" and self.hierarchical)
+        use_window = algorithm == "shm" or hier or (algorithm == "auto" and self.shm_for_fusion)
         buckets = backend.fusion_buckets(arrays, bucket_bytes, host_bucket_bytes=min(
-            bucket_bytes, self.config.shm_area_bytes) if use_shm else None)
-        shm = None
-        if use_shm and any(b.ops is backend.HOST_OPS for b in buckets):  # GPU buckets never use the window
-            shm = self._shared_memory(required=algorithm == "shm")
+            bucket_bytes, self.config.shm_area_bytes) if use_window else None)
+        shm, across = None, None
+        if use_window and any(b.ops is backend.HOST_OPS for b in buckets):  # GPU buckets never use the window
+            if algorithm in ("shm", "hier"):
+                self._check_window_algorithm(algorithm, backend.HOST_OPS)
+            shm = self._shared_memory(required=algorithm in ("shm", "hier"))
+            across = self._across_nodes(reduce_op) if hier else None
         for bucket in buckets:
             nbytes = bucket.numel * np.dtype(bucket.dtype).itemsize
             if (shm is not None and bucket.ops is backend.HOST_OPS and bucket.numel <= shm.capacity(bucket.dtype)
-                    and (algorithm == "shm" or nbytes >= SHM_FUSION_MIN_BYTES)):
+                    and (algorithm != "auto" or hier or nbytes >= SHM_FUSION_MIN_BYTES)):
                 # packed straight into this rank's slot, unpacked straight from the shared result
                 bucket.pack(shm.slot(bucket.numel, bucket.dtype))
-                bucket.unpack(shm.reduce(bucket.numel, bucket.dtype, reduce_op), divisor)
+                bucket.unpack(shm.reduce(bucket.numel, bucket.dtype, reduce_op, across), divisor)
                 continue
             flat = self._scratch(bucket.ops, bucket.dtype, bucket.numel, "fusion")
             bucket.pack(flat)

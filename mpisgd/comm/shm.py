@@ -16,6 +16,11 @@ can write its next vector while others still read.
 
 Every element of the result is computed by one rank (the owner of its block, summing the slots in
 rank order) and read by all: results are bitwise identical on every rank.
+
+Across nodes (``algorithm="hier"``, as Horovod's hierarchical all-reduce and NCCL's trees do): each
+node sums into its own window as above, and then, before the second barrier, every rank all-reduces
+its block of the node's sum with the ranks of the same local rank on the other nodes. The network
+carries each node's vector once, split over all its ranks, instead of every rank's.
 """
 
 from __future__ import annotations
@@ -88,30 +93,36 @@ class SharedMemoryAllreduce:
         """This rank's input for the next :meth:`reduce`: write (or pack) the vector here."""
         return self._area(dtype)[0][self.rank][:n]
 
-    def reduce(self, n: int, dtype: str, op: str) -> np.ndarray:
+    def reduce(self, n: int, dtype: str, op: str, across=None) -> np.ndarray:
         """Reduce the first ``n`` elements of every rank's slot; returns the shared result (read-only
-        by convention: valid until the call after next)."""
+        by convention: valid until the call after next).
+
+        ``across(block)``: called on this rank's block of the node's result before anyone reads it,
+        to reduce it further with the other nodes in place (the hierarchical all-reduce)."""
         slots, result = self._area(dtype)
         self._calls += 1
         self._barrier()
         bounds = block_bounds(n, self.size)
-        for start in range(bounds[self.rank], bounds[self.rank + 1], _CACHE_ELEMENTS):
-            end = min(start + _CACHE_ELEMENTS, bounds[self.rank + 1])
+        lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        for start in range(lo, hi, _CACHE_ELEMENTS):
+            end = min(start + _CACHE_ELEMENTS, hi)
             partial = result[start:end]
             np.copyto(partial, slots[0][start:end])
             for other in slots[1:]:
                 HOST_OPS.reduce_(partial, other[start:end], op)
+        if across is not None:
+            across(result[lo:hi])
         self._barrier()
         return result[:n]
 
-    def allreduce_(self, buf: np.ndarray, op: str) -> None:
+    def allreduce_(self, buf: np.ndarray, op: str, across=None) -> None:
         """Reduce a host buffer in place, through the window in pieces of at most its capacity."""
         dtype = buf.dtype.name
         step = self.capacity(dtype)
         for start in range(0, len(buf), step):
             piece = buf[start:start + step]
             np.copyto(self.slot(len(piece), dtype), piece)
-            np.copyto(piece, self.reduce(len(piece), dtype, op))
+            np.copyto(piece, self.reduce(len(piece), dtype, op, across))
 
     def _barrier(self) -> None:
         self.slots_win.Sync()

@@ -30,20 +30,23 @@ def test_info_gpu_mode_without_gpu_is_a_clear_error_on_every_rank():
     assert result.stdout.count("no CUDA device is visible") == 2
 
 
-@pytest.mark.parametrize("nodes", ["one node", "a node per rank"])
-def test_bench_allreduce_json(tmp_path, nodes):
-    """By default every algorithm is timed; shm only where all ranks share a node (MPICH's
-    MPIR_CVAR_NOLOCAL=1 makes every rank a node of its own)."""
+@pytest.mark.parametrize("nprocs, env, algorithms", [
+    (2, None, ("native", "rhd", "ring", "shm", "auto")),
+    (2, {"MPIR_CVAR_NOLOCAL": "1"}, ("native", "rhd", "ring", "auto")),
+    (4, {"MPIR_CVAR_NUM_CLIQUES": "2"}, ("native", "rhd", "ring", "hier", "auto")),
+], ids=["one node", "a node per rank", "two nodes of two"])
+def test_bench_allreduce_json(tmp_path, nprocs, env, algorithms):
+    """By default every algorithm is timed; shm only where all ranks share a node, hier only across
+    nodes of more than one rank each (MPICH's MPIR_CVAR_NOLOCAL=1 makes every rank a node of its own,
+    MPIR_CVAR_NUM_CLIQUES=2 two nodes)."""
     out = tmp_path / "bench.json"
-    env = {"MPIR_CVAR_NOLOCAL": "1"} if nodes == "a node per rank" else None
-    result = run_mpi(2, [mpisgd_command(), "bench", "allreduce", "--sizes", "4KiB,64KiB", "--iterations", "5",
-                         "--json", str(out)], timeout=180, env=env)
+    result = run_mpi(nprocs, [mpisgd_command(), "bench", "allreduce", "--sizes", "4KiB,64KiB", "--iterations",
+                              "5", "--json", str(out)], timeout=180, env=env)
     assert result.returncode == 0, result.stdout
     rows = json.loads(out.read_text())["rows"]
-    algorithms = ("native", "rhd", "ring", "shm", "auto") if env is None else ("native", "rhd", "ring", "auto")
     assert {(r["size_bytes"], r["algorithm"]) for r in rows} == {
         (s, a) for s in (4096, 65536) for a in algorithms}
-    assert all(r["time_s"] > 0 and r["ranks"] == 2 for r in rows)
+    assert all(r["time_s"] > 0 and r["ranks"] == nprocs for r in rows)
     assert all(r["ratio_to_native"] == 1.0 for r in rows if r["algorithm"] == "native")
     assert "x native" in result.stdout
 

@@ -16,7 +16,12 @@ from mpisgd import CommError, ConfigError
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
-ALGORITHMS = ["rhd", "ring", "shm", "native", "auto"]
+_NODE = WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+ONE_NODE = _NODE.Get_size() == P
+EQUAL_NODES = len(set(WORLD.allgather(_NODE.Get_size()))) == 1
+NODE_LEADER = _NODE.bcast(RANK, root=0)  # names this rank's node
+# shm serves one node; hier needs the same number of ranks on every node (both refuse otherwise, tested below)
+ALGORITHMS = ["rhd", "ring", *(["shm"] if ONE_NODE else []), *(["hier"] if EQUAL_NODES else []), "native", "auto"]
 LENGTHS = sorted({0, 1, max(P - 1, 0), P + 1, 7, 1_000_003})
 MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
@@ -124,6 +129,7 @@ def test_fused_many_matches_per_tensor_reference(bucket_bytes):
                                    atol=1e-2 if t.dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.skipif(not ONE_NODE, reason="shm serves one node (across nodes: the hier test)")
 @pytest.mark.parametrize("algorithm", ["shm", "auto"])
 def test_shared_memory_takes_long_vectors_in_pieces_and_cuts_fused_buckets_to_its_area(algorithm):
     """A 4 KiB area: a 40 KB vector goes through the window in pieces, fused buckets are cut to the
@@ -149,8 +155,9 @@ def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(mo
     monkeypatch.setattr("mpisgd.comm.shm._free_shared_memory", lambda: 1 << 20)  # 1 MiB of /dev/shm
     comm = mpisgd.Communicator()
     x = rank_data(300_000, "float32", salt=4)
-    with pytest.raises(CommError, match="/dev/shm"):
-        comm.allreduce(x, algorithm="shm")
+    if EQUAL_NODES:
+        with pytest.raises(CommError, match="/dev/shm"):
+            comm.allreduce(x, algorithm="shm" if ONE_NODE else "hier")
     for _ in range(2):  # auto: the same shortage seen on every rank, so all go around it together
         np.testing.assert_allclose(comm.allreduce(x), reference(x, "sum"), rtol=1e-5 * P, atol=1e-5 * P)
         tensors = [torch.from_numpy(rank_data(200_000, "float32", salt=s)) for s in range(3)]
@@ -158,7 +165,43 @@ def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(mo
         comm.allreduce_many_(tensors)
         for t, e in zip(tensors, expected):
             np.testing.assert_allclose(t.numpy(), e, rtol=1e-5 * P, atol=1e-5 * P)
-    assert not comm.shm_for_fusion and comm.shm_below_bytes == 0
+    assert not comm.shm_for_fusion and comm.shm_below_bytes == 0 and not comm.hierarchical
+    comm.free()
+
+
+def test_hierarchical_all_reduce_across_nodes():
+    """Across nodes (tests/test_mpi_suites.py makes them with MPICH's MPIR_CVAR_NUM_CLIQUES and
+    MPIR_CVAR_ODD_EVEN_CLIQUES, which split one machine into nodes for MPI): ``hier`` sums each node
+    through its window and the node sums across nodes; ``auto`` takes it for large vectors and every
+    fused bucket. With unequal nodes it is refused on every rank, and auto goes around it."""
+    # native_below_bytes=0: even the small blocks cross the nodes with rhd or ring, not MPI_Allreduce
+    comm = mpisgd.Communicator(config=mpisgd.AllreduceConfig(shm_area_bytes=4096, native_below_bytes=0,
+                                                             hierarchical=True))
+    multi_node = comm.num_nodes > 1
+    usable = multi_node and comm.uniform_nodes and comm.local_size > 1
+    assert comm.hierarchical == usable
+    assert (comm.choose_algorithm(8 << 20) == "hier") == usable
+    if multi_node:
+        with pytest.raises(ConfigError, match="one node"):
+            comm.allreduce(np.ones(3, np.float32), algorithm="shm")
+    algorithms = ["auto", "hier"] if comm.uniform_nodes else ["auto"]
+    if not comm.uniform_nodes:
+        with pytest.raises(ConfigError, match="same number of ranks"):
+            comm.allreduce(np.ones(3, np.float32), algorithm="hier")
+    for algorithm in algorithms:
+        x = rank_data(10_001, "float32", salt=12)  # 40 KB through a 4 KiB window: in pieces
+        result = comm.allreduce(x, algorithm=algorithm)
+        np.testing.assert_allclose(result, reference(x, "sum"), rtol=1e-5 * P, atol=1e-5 * P)
+        assert_same_on_every_rank(result)
+        for op in ("max", "min"):
+            np.testing.assert_array_equal(comm.allreduce(x, op, algorithm=algorithm), reference(x, op))
+        tensors = [torch.from_numpy(rank_data(n, "float32", salt=n)) for n in (300, 5, 700, 2500, 1, 0)]
+        tensors.append(torch.from_numpy(rank_data(900, "float64", salt=2)))
+        expected = [reference(t.numpy(), "mean") for t in tensors]
+        comm.allreduce_many_(tensors, "mean", algorithm=algorithm)
+        for t, e in zip(tensors, expected):
+            np.testing.assert_allclose(t.numpy(), e, rtol=1e-5 * P, atol=1e-6 * P)
+            assert_same_on_every_rank(t.numpy())
     comm.free()
 
 
@@ -217,7 +260,8 @@ def test_user_communicator_and_free():
 
 def test_node_local_ranks_partition_the_world():
     comm = mpisgd.get_communicator()
-    layout = WORLD.allgather((MPI.Get_processor_name(), comm.local_rank, comm.local_size))
+    # a node is what MPI's shared-memory split says: a host, or a "clique" of one (tests/test_mpi_suites.py)
+    layout = WORLD.allgather(((MPI.Get_processor_name(), NODE_LEADER), comm.local_rank, comm.local_size))
     hosts = {}
     for host, local_rank, local_size in layout:
         hosts.setdefault(host, []).append((local_rank, local_size))
