@@ -54,6 +54,10 @@ def main() -> int:
         for round_number in range(args.rounds):  # the order rotates: no method always follows gloo
             shift = round_number % len(names)
             for name in names[shift:] + names[:shift]:
+                # one untimed call first: the call after gloo's ran up to 1.5x slower, whatever the
+                # method (measured: rhd, which followed gloo in 5 of 6 rounds, 20 ms vs auto's 13.7 ms
+                # for the very same algorithm), and at 2-3 calls per round that skewed the medians
+                methods[name](tensor)
                 times[name] += time_calls(comm, lambda: methods[name](tensor), per_round)
         native = statistics.median(times["MPI_Allreduce"])
         auto = statistics.median(times["mpisgd auto"])
