@@ -3,8 +3,9 @@
 1, 2, 3 (not a power of two) and 4 ranks for everything; 5..8 ranks for the all-reduce
 correctness tests (oversubscribed on small machines, which is fine for correctness); and the
 all-reduce and synchronous-training tests across nodes, made on one machine by MPICH itself:
-MPIR_CVAR_NUM_CLIQUES=k splits the ranks into k nodes of consecutive ranks, MPIR_CVAR_ODD_EVEN_CLIQUES
-into even and odd ranks; MPI then has no shared memory between them, as between hosts.
+MPIR_CVAR_NUM_CLIQUES=k splits the ranks into k nodes, round robin (rank i on node i % k), or of
+consecutive ranks with MPIR_CVAR_CLIQUES_BY_BLOCK=1; MPI then has no shared memory between them, as
+between hosts.
 """
 
 import sys
@@ -32,15 +33,20 @@ def test_allreduce_correctness_many_ranks(nprocs):
     _run_suite(nprocs, ["tests/mpi/test_allreduce.py", "-k", "matches_mpi"], timeout=600)
 
 
+BLOCK = {"MPIR_CVAR_CLIQUES_BY_BLOCK": "1"}  # nodes of consecutive ranks, as launchers place them
+
+
 @pytest.mark.parametrize("nprocs, nodes", [
-    (4, {"MPIR_CVAR_NUM_CLIQUES": "2", "MPISGD_HIERARCHICAL": "1"}),  # 2 nodes of 2, auto takes hier
-    (4, {"MPIR_CVAR_ODD_EVEN_CLIQUES": "1"}),  # nodes {0, 2} and {1, 3}
-    (3, {"MPIR_CVAR_NUM_CLIQUES": "2"}),  # nodes of 2 and 1: hier refused, auto goes around it
-    (6, {"MPIR_CVAR_NUM_CLIQUES": "3"}),  # 3 nodes of 2: blocks cross between 3 ranks (not a power of two)
-    (8, {"MPIR_CVAR_NUM_CLIQUES": "2"}),  # 2 nodes of 4
-], ids=["2x2", "2x2-odd-even", "2+1", "3x2", "2x4"])
+    (4, {"MPIR_CVAR_NUM_CLIQUES": "2", **BLOCK, "MPISGD_HIERARCHICAL": "1"}),  # {0,1} {2,3}; auto takes hier
+    (4, {"MPIR_CVAR_NUM_CLIQUES": "2"}),  # round robin: {0,2} {1,3}
+    (3, {"MPIR_CVAR_NUM_CLIQUES": "2"}),  # {0,2} {1}: unequal, hier refused, auto goes around it
+    (6, {"MPIR_CVAR_NUM_CLIQUES": "3", **BLOCK}),  # blocks cross between 3 ranks (not a power of two)
+    (8, {"MPIR_CVAR_NUM_CLIQUES": "2", **BLOCK}),  # 2 nodes of 4
+], ids=["2x2-block-hier", "2x2-round-robin", "2+1", "3x2-block", "2x4-block"])
 def test_across_nodes(nprocs, nodes):
     selection = ["tests/mpi/test_allreduce.py"]
+    if nprocs > 4:  # oversubscribed: the correctness tests and those about nodes
+        selection += ["-k", "matches_mpi or hierarchical or little or differ or node"]
     if "MPISGD_HIERARCHICAL" in nodes:
         selection.append("tests/mpi/test_sync_equivalence.py")  # training with fused buckets through hier
     _run_suite(nprocs, selection, timeout=600, env=nodes)

@@ -9,9 +9,9 @@ in the allgather, so replicas of a synchronous job cannot drift apart.
 
 * ``rhd``: Rabenseifner (Thakur, Rabenseifner & Gropp 2005): reduce-scatter by recursive halving,
   allgather by recursive doubling; cost 2·lg p·α + 2(p−1)/p·nβ + (p−1)/p·nγ. The halving pairs the
-  nearest ranks first (distance 1, 2, 4, ...), so the two largest exchanges (n/2 each way) stay on a
-  node where ranks are placed in blocks, and only the smaller ones cross nodes: 10-15% faster at
-  16-64 MiB on two emulated nodes, the same on one node (BENCHMARKS.md). A process count that
+  nearest ranks first (distance 1, 2, 4, ...), as MPICH's own Rabenseifner does, so that where
+  launchers place ranks in blocks the two largest exchanges (n/2 each way) stay on a node and only
+  the smaller ones cross the network. On one node the order made no difference (BENCHMARKS.md). A process count that
   is not a power of two is folded to the power of two below it by a *half-fold* (Rabenseifner's and
   Open MPI's scheme): the first 2r ranks pair up, each of a pair reduces one half of the two
   vectors, the even one hands its reduced half to the odd one and waits for the result. Measured

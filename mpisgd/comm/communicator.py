@@ -138,6 +138,20 @@ class Communicator:
         self._check_buf = np.zeros(2, dtype=np.int64)
         self._shm: Optional[SharedMemoryAllreduce] = None
         self._shm_refused = False  # the node's shared memory could not hold the window
+        self._agree_on_config()
+
+    def _agree_on_config(self) -> None:
+        """Every setting that decides which collectives run must be the same on every rank (they
+        come from each rank's environment): otherwise ranks would enter different ones and hang."""
+        settings = {name: value for name, value in vars(self.config).items() if name != "yield_when_waiting"}
+        everyone = self._mpi.allgather(settings)
+        differing = sorted(name for name in settings if any(other[name] != settings[name] for other in everyone))
+        if differing:
+            ranks = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
+            self.free()
+            raise ConfigError(f"all-reduce settings differ between ranks ({', '.join(differing)}; ranks "
+                              f"{_ranks(ranks)} differ from rank 0): set the MPISGD_* variables alike on "
+                              "every node")
 
     # ---- lifetime ------------------------------------------------------------------------
     @property
@@ -241,12 +255,20 @@ class Communicator:
         """The shared window, created on first use (collectively: all ranks choose shm together).
         When /dev/shm is too small, ``auto`` (``required=False``) gets None and uses the others."""
         if self._shm is None and (required or not self._shm_refused):
-            try:
+            error = None
+            try:  # the same verdict on every rank of a node: its free space is agreed by MPI_MIN
                 self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite)
-            except CommError:  # the same verdict on every rank: the free space is agreed by MPI_MIN
+            except CommError as exc:
+                error = str(exc)
+            # ... and across nodes, which run "hier" together: one node without a window refuses it for all
+            refusals = [e for e in self.mpi.allgather(error) if e]
+            if refusals:
+                if self._shm is not None:
+                    self._shm.free()  # collective on this node, whose ranks all created it
+                    self._shm = None
                 self._shm_refused = True
                 if required:
-                    raise
+                    raise CommError(refusals[0])
         return self._shm
 
     def check_agreement(self, call: str, **fields: Any) -> None:

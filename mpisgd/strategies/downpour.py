@@ -563,7 +563,7 @@ class _Coordinator:
                          "versions": None}
         self.eval_params = np.zeros(job.layout.num_params, dtype=np.float32)
         self.eval_model = job.model
-        self.target_snapshot: tuple | None = None  # (params, board rows, accuracy) that reached the target
+        self.target_snapshot: tuple | None = None  # (params, board rows, accuracy, step) that reached the target
 
     # ---- board --------------------------------------------------------------------------------
     def _set_header(self, field_index: int, value: float) -> None:
@@ -705,7 +705,8 @@ class _Coordinator:
 
     def _evaluate_current(self, step: int) -> None:
         self.job.client.pull_parameters(self.eval_params, as_reference=False)
-        self._load_eval_model(self.eval_params, self._read_rows())
+        rows = self._read_rows().copy()  # workers keep writing theirs (batch-norm statistics among them)
+        self._load_eval_model(self.eval_params, rows)
         self.val_accuracy = self._evaluate()
         if self.metrics:
             self.metrics.write(step=step, val_accuracy=self.val_accuracy, lr=self.cfg.lr)
@@ -713,7 +714,7 @@ class _Coordinator:
         if target is not None and self.val_accuracy >= target and self.stop_reason is None:
             self.job.log(f"validation accuracy {self.val_accuracy:.4f} >= {target} after {step} pushes: "
                          "stopping")
-            self.target_snapshot = (self.eval_params.copy(), self._read_rows().copy(), self.val_accuracy)
+            self.target_snapshot = (self.eval_params.copy(), rows, self.val_accuracy, step)
             self._request_stop("target_accuracy")
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -726,10 +727,11 @@ class _Coordinator:
 
     def _write_checkpoint(self, path: Path, params: np.ndarray, rule_state: dict, counters: list, step: int,
                           rows: np.ndarray, model: tuple | None = None) -> None:
-        """``model``: (params, board rows, accuracy) of an earlier snapshot to write as the model instead."""
+        """``model``: (params, board rows, accuracy, step) of an earlier snapshot to write as the model
+        instead; the rest (rule state, counts) is the servers' state at ``step``."""
         cfg, job = self.cfg, self.job
         Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        model_params, model_rows, accuracy = model or (params, rows, self.val_accuracy)
+        model_params, model_rows, accuracy, model_step = model or (params, rows, self.val_accuracy, step)
         self._load_eval_model(model_params, model_rows)
         ckpt.save_checkpoint(
             path, model_state=self.eval_model.state_dict(),
@@ -740,7 +742,7 @@ class _Coordinator:
                    "servers": job.layout.num_shards, "workers": job.num_workers,
                    "worker_steps": [int(v) for v in rows[:, BoardLayout.STEPS]],
                    "shard_versions": [int(c[VERSION]) for c in counters],
-                   "val_accuracy": accuracy})
+                   "val_accuracy": accuracy, "model_step": model_step})
 
     # ---- the end ------------------------------------------------------------------------------
     def _finish(self, params: np.ndarray, rule_state: dict, counters: list) -> dict:
@@ -769,9 +771,11 @@ class _Coordinator:
                                    counters, step, rows)
             self._write_checkpoint(Path(cfg.checkpoint_dir) / "final.h5", params, rule_state, counters, step,
                                    rows, model=final_model)
+        drained = {}
         if final_model is not None:
+            drained = {"drained_val_accuracy": self.val_accuracy}
             self.val_accuracy = final_model[2]
-        self._log_metrics(rows, step, val_accuracy=self.val_accuracy)
+        self._log_metrics(rows, step, val_accuracy=self.val_accuracy, **drained)
         exit_code = 1 if self.stop_reason in ("nonfinite", "no_workers") else 0
         summary = {"steps": step, "stopped": self.stop_reason, "val_accuracy": self.val_accuracy,
                    "servers": job.layout.num_shards, "workers": job.num_workers, "dead_workers": dead,

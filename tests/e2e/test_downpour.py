@@ -111,6 +111,7 @@ def test_each_strategy_reaches_the_stated_accuracy(tmp_path, data, strategy, fla
     assert max(evaluations) >= ACCURACY, evaluations
     model, extra = final_model(tmp_path)  # the evaluated parameters that reached the target
     assert extra["strategy"] == strategy and extra["val_accuracy"] >= ACCURACY, extra
+    assert extra["model_step"] <= extra["step"] and extra["val_accuracy"] in evaluations, extra
     assert accuracy_of(model, data[1]) == pytest.approx(extra["val_accuracy"], abs=2 / 512)
     assert sum(extra["worker_steps"]) == extra["step"] < 30 * 2 * 32  # stopped early: 30 epochs of 2 x 32
     progress = [r for r in records if "updates_per_s" in r]

@@ -159,9 +159,15 @@ def check_window_path(comm, algorithm):
         assert_same_on_every_rank(t.numpy())
 
 
-def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(monkeypatch):
-    monkeypatch.setattr("mpisgd.comm.shm._free_shared_memory", lambda: 1 << 20)  # 1 MiB of /dev/shm
-    comm = mpisgd.Communicator()
+@pytest.mark.parametrize("short", ["every node", "the first node only"])
+def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(monkeypatch, short):
+    """1 MiB of /dev/shm: on every node, or (across nodes, with hier on) on the first node only,
+    which must refuse the window on every node alike (a node using it alone would hang the others)."""
+    if short == "the first node only" and ONE_NODE:
+        pytest.skip("needs several nodes")
+    lacking = short == "every node" or NODE_LEADER == 0
+    monkeypatch.setattr("mpisgd.comm.shm._free_shared_memory", lambda: 1 << 20 if lacking else 1 << 50)
+    comm = mpisgd.Communicator(config=mpisgd.AllreduceConfig(hierarchical=True))
     x = rank_data(300_000, "float32", salt=4)
     if EQUAL_NODES:
         with pytest.raises(CommError, match="/dev/shm"):
@@ -178,8 +184,8 @@ def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(mo
 
 
 def test_hierarchical_all_reduce_across_nodes():
-    """Across nodes (tests/test_mpi_suites.py makes them with MPICH's MPIR_CVAR_NUM_CLIQUES and
-    MPIR_CVAR_ODD_EVEN_CLIQUES, which split one machine into nodes for MPI): ``hier`` sums each node
+    """Across nodes (tests/test_mpi_suites.py makes them with MPICH's MPIR_CVAR_NUM_CLIQUES, which
+    splits one machine into nodes for MPI): ``hier`` sums each node
     through its window and the node sums across nodes; ``auto`` takes it for large vectors and every
     fused bucket. With unequal nodes it is refused on every rank, and auto goes around it."""
     # native_below_bytes=0: even the small blocks cross the nodes with rhd or ring, not MPI_Allreduce
@@ -223,6 +229,15 @@ def test_bad_arguments_are_clear_errors():
         mpisgd.allreduce_(ro)
     with pytest.raises(ConfigError, match="numpy array, torch tensor"):
         mpisgd.allreduce([1.0, 2.0])
+
+
+@pytest.mark.skipif(P == 1, reason="a mismatch needs two ranks")
+def test_settings_that_differ_between_ranks_are_an_error_on_every_rank():
+    """They decide which collectives run (MPISGD_* variables set on one node only, say)."""
+    config = mpisgd.AllreduceConfig(shm_area_bytes=8192 if RANK == P - 1 else 4096)
+    with pytest.raises(ConfigError, match=rf"settings differ between ranks \(shm_area_bytes; ranks {P - 1} "):
+        mpisgd.Communicator(config=config)
+    mpisgd.Communicator(config=mpisgd.AllreduceConfig(yield_when_waiting="1" if RANK else "0")).free()  # free
 
 
 @pytest.mark.skipif(P == 1, reason="a mismatch needs two ranks")
