@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 SHARED_MEMORY_DIR = "/dev/shm/"
+#: between the last output and MPI_Abort: hydra's mpiexec exits as soon as it handles the abort, and
+#: output still on its way from the proxy was lost in some runs (the message saying why the job ends)
+OUTPUT_GRACE_S = 0.5
 
 
 def mapped_mpich_files() -> list:
@@ -28,7 +32,7 @@ def mapped_mpich_files() -> list:
 
 def abort_world(code: int) -> None:
     """MPI_Abort on COMM_WORLD (hydra's mpiexec then exits with ``code``), after removing the
-    shared-memory files the abort would leave behind."""
+    shared-memory files the abort would leave behind and giving this rank's output time to arrive."""
     from mpi4py import MPI
 
     for path in mapped_mpich_files():
@@ -38,4 +42,5 @@ def abort_world(code: int) -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
+    time.sleep(OUTPUT_GRACE_S)
     MPI.COMM_WORLD.Abort(code)

@@ -100,7 +100,6 @@ FAULT_VARIABLE = "MPISGD_TEST_WORKER_FAULT"
 BOARD_CHECK_S = 0.01  # how often servers look at the board
 MONITOR_S = 0.05  # how often server 0 reads the workers' rows
 WAIT_SLEEP_S = 0.01  # waiting workers (warm start, end of job) report this often
-ABORT_GRACE_S = 0.5  # between the last output and MPI_Abort (see _finish)
 
 
 def _every_rank(error: ConfigError) -> ConfigError:
@@ -822,7 +821,6 @@ def _meet_before_freeing_windows(job: _Job, summary: dict) -> None:
             job.log(f"not every rank reached the end of the job within --worker-timeout "
                     f"{job.cfg.worker_timeout:g} s; the final model is written, ending the job with "
                     f"MPI_Abort(errorcode={summary['exit_code']}) so that mpiexec does not wait for them")
-            time.sleep(ABORT_GRACE_S)
             abort_world(summary["exit_code"])
         time.sleep(WAIT_SLEEP_S)
 
@@ -840,11 +838,6 @@ def _finish(job: _Job, summary: dict) -> dict:
                     f"MPI_Abort(errorcode={summary['exit_code']}) so that mpiexec does not wait for them")
             if summary["exit_code"]:
                 print(f"mpisgd: error: {_failure_message(summary)}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # hydra's mpiexec exits as soon as it handles the abort; output still on its way from the
-            # proxy was lost in some runs, so give it a moment first
-            time.sleep(ABORT_GRACE_S)
             # COMM_WORLD, not the library's duplicate: MPICH sends an abort on COMM_WORLD to the process
             # manager, and hydra's mpiexec then exits with exactly this code. An abort on any other
             # communicator is delivered to its members as messages; they exit, hydra kills the hung rank,
