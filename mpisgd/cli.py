@@ -97,7 +97,7 @@ def run_bench_allreduce(args: argparse.Namespace) -> int:
     from .comm import get_communicator
 
     comm = get_communicator()
-    window = {"shm": comm.single_node, "hier": comm.num_nodes > 1 and comm.uniform_nodes and comm.local_size > 1}
+    window = {"shm": comm.single_node, "hier": comm.equal_nodes_of_several}
     algorithms = args.algorithms or [a for a in ("native", "rhd", "ring", "shm", "hier", "auto")
                                      if window.get(a, True)]  # shm serves one node, hier several alike
     rows = bench.bench_allreduce(comm, args.sizes, algorithms, dtype=args.dtype, warmup=args.warmup,

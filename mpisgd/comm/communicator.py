@@ -212,10 +212,15 @@ class Communicator:
         return self.size > 1 and self.single_node and self.config.shared_memory and not self._shm_refused
 
     @property
+    def equal_nodes_of_several(self) -> bool:
+        """Several nodes with the same number (> 1) of ranks each: where ``hier`` has something to do."""
+        return self.num_nodes > 1 and self.uniform_nodes and self.local_size > 1
+
+    @property
     def hierarchical(self) -> bool:
         """``auto`` reduces host buffers across nodes with ``hier`` (fused buckets: of any size)."""
-        return (self.num_nodes > 1 and self.uniform_nodes and self.local_size > 1 and self.config.hierarchical
-                and self.config.shared_memory and not self._shm_refused)
+        return (self.equal_nodes_of_several and self.config.hierarchical and self.config.shared_memory
+                and not self._shm_refused)
 
     @property
     def shm_below_bytes(self) -> int:
@@ -248,8 +253,10 @@ class Communicator:
             return "hier"
         return self._large_message_algorithm()
 
-    def _large_message_algorithm(self) -> str:
-        return "rhd" if self.size & (self.size - 1) == 0 else self.config.non_power_of_two
+    def _large_message_algorithm(self, size: Optional[int] = None) -> str:
+        """rhd for a power-of-two process count (``size``, default: this communicator's), else the ring."""
+        size = self.size if size is None else size
+        return "rhd" if size & (size - 1) == 0 else self.config.non_power_of_two
 
     def _shared_memory(self, *, required: bool = True) -> Optional[SharedMemoryAllreduce]:
         """The shared window, created on first use (collectively: all ranks choose shm together).
@@ -369,16 +376,14 @@ class Communicator:
             return None
 
         def reduce_block(block: np.ndarray) -> None:
-            if len(block):
-                nbytes = block.nbytes
-                if nbytes < self.native_below_bytes:
-                    algorithm = "native"
-                else:
-                    size = cross.Get_size()
-                    algorithm = "rhd" if size & (size - 1) == 0 else self.config.non_power_of_two
-                scratch = None if algorithm == "native" else self._scratch(backend.HOST_OPS, block.dtype.name,
-                                                                         len(block), "cross")
-                ALGORITHMS[algorithm](cross, block, scratch, backend.HOST_OPS, op, polite=self.polite)
+            if not len(block):  # the same on every rank of ``cross``: the same n and node size
+                return
+            if block.nbytes < self.native_below_bytes:
+                algorithm, scratch = "native", None
+            else:
+                algorithm = self._large_message_algorithm(cross.Get_size())
+                scratch = self._scratch(backend.HOST_OPS, block.dtype.name, len(block), "cross")
+            ALGORITHMS[algorithm](cross, block, scratch, backend.HOST_OPS, op, polite=self.polite)
         return reduce_block
 
     def allreduce_many_(self, arrays: Sequence[Any], op: str = "sum", *, algorithm: str = "auto",

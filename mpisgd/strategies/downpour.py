@@ -56,7 +56,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -107,6 +107,14 @@ def _every_rank(error: ConfigError) -> ConfigError:
     on all ranks instead of aborting the job."""
     error.every_rank = True
     return error
+
+
+class _Snapshot(NamedTuple):
+    """Evaluated parameters, with the board rows (batch-norm statistics) they were evaluated with."""
+    params: np.ndarray
+    rows: np.ndarray
+    accuracy: float | None
+    step: int
 
 
 @dataclass
@@ -562,7 +570,7 @@ class _Coordinator:
                          "versions": None}
         self.eval_params = np.zeros(job.layout.num_params, dtype=np.float32)
         self.eval_model = job.model
-        self.target_snapshot: tuple | None = None  # (params, board rows, accuracy, step) that reached the target
+        self.target_snapshot: _Snapshot | None = None  # what reached --target-accuracy
 
     # ---- board --------------------------------------------------------------------------------
     def _set_header(self, field_index: int, value: float) -> None:
@@ -713,7 +721,7 @@ class _Coordinator:
         if target is not None and self.val_accuracy >= target and self.stop_reason is None:
             self.job.log(f"validation accuracy {self.val_accuracy:.4f} >= {target} after {step} pushes: "
                          "stopping")
-            self.target_snapshot = (self.eval_params.copy(), rows, self.val_accuracy, step)
+            self.target_snapshot = _Snapshot(self.eval_params.copy(), rows, self.val_accuracy, step)
             self._request_stop("target_accuracy")
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -725,13 +733,13 @@ class _Coordinator:
                                counters, step, self._read_rows())
 
     def _write_checkpoint(self, path: Path, params: np.ndarray, rule_state: dict, counters: list, step: int,
-                          rows: np.ndarray, model: tuple | None = None) -> None:
-        """``model``: (params, board rows, accuracy, step) of an earlier snapshot to write as the model
-        instead; the rest (rule state, counts) is the servers' state at ``step``."""
+                          rows: np.ndarray, model: _Snapshot | None = None) -> None:
+        """``model``: an earlier snapshot to write as the model instead; the rest (rule state, counts)
+        is the servers' state at ``step``."""
         cfg, job = self.cfg, self.job
         Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        model_params, model_rows, accuracy, model_step = model or (params, rows, self.val_accuracy, step)
-        self._load_eval_model(model_params, model_rows)
+        model = model or _Snapshot(params, rows, self.val_accuracy, step)
+        self._load_eval_model(model.params, model.rows)
         ckpt.save_checkpoint(
             path, model_state=self.eval_model.state_dict(),
             optimizer_state={"rule": job.rule_name,
@@ -741,7 +749,7 @@ class _Coordinator:
                    "servers": job.layout.num_shards, "workers": job.num_workers,
                    "worker_steps": [int(v) for v in rows[:, BoardLayout.STEPS]],
                    "shard_versions": [int(c[VERSION]) for c in counters],
-                   "val_accuracy": accuracy, "model_step": model_step})
+                   "val_accuracy": model.accuracy, "model_step": model.step})
 
     # ---- the end ------------------------------------------------------------------------------
     def _finish(self, params: np.ndarray, rule_state: dict, counters: list) -> dict:
@@ -773,7 +781,7 @@ class _Coordinator:
         drained = {}
         if final_model is not None:
             drained = {"drained_val_accuracy": self.val_accuracy}
-            self.val_accuracy = final_model[2]
+            self.val_accuracy = final_model.accuracy
         self._log_metrics(rows, step, val_accuracy=self.val_accuracy, **drained)
         exit_code = 1 if self.stop_reason in ("nonfinite", "no_workers") else 0
         summary = {"steps": step, "stopped": self.stop_reason, "val_accuracy": self.val_accuracy,
