@@ -91,6 +91,27 @@ def test_torch_matches_mpi_allreduce(algorithm, dtype):
     assert_same_on_every_rank(result.to(torch.float64).numpy())
 
 
+@pytest.mark.parametrize("algorithm", ["rhd", "ring"])
+@pytest.mark.parametrize("segment_bytes", [8, 24])
+@pytest.mark.parametrize("dtype", ["float32", "int64", "float16"])
+def test_reduce_steps_in_pieces_match_mpi_allreduce(algorithm, segment_bytes, dtype):
+    """Pieces of 1-6 elements: many pieces, a short last one, and half-vectors one element longer
+    on one side of an exchange than on the other (the two must still cut alike)."""
+    config = mpisgd.AllreduceConfig(segment_bytes=segment_bytes)
+    with mpisgd.Communicator(config=config) as comm:
+        for n in sorted({*LENGTHS, 2 * P + 1, 1001} - {1_000_003}):
+            x = rank_data(n, dtype, salt=5)
+            result = comm.allreduce(x, algorithm=algorithm)
+            expected = reference(x, "sum")
+            if dtype == "int64":
+                np.testing.assert_array_equal(result, expected)
+            else:
+                tolerance = 2e-3 if dtype == "float16" else 1e-5
+                np.testing.assert_allclose(result.astype(np.float64), expected, rtol=tolerance * P,
+                                           atol=tolerance * P)
+            assert_same_on_every_rank(result)
+
+
 def test_half_precision_accumulates_in_float32():
     # 2048 + 1 + 1 + ... is exactly representable in float32 but every partial sum in float16
     # would round 2049 back to 2048; only a float32 accumulation gives 2048 + (P - 1).

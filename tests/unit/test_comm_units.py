@@ -7,6 +7,7 @@ import torch
 from mpisgd import backend
 from mpisgd.bench import parse_size, parse_sizes
 from mpisgd.comm import AllreduceConfig, block_bounds
+from mpisgd.comm.algorithms import segments
 from mpisgd.errors import ConfigError
 
 
@@ -16,6 +17,17 @@ def test_block_bounds_cover_everything_in_near_equal_blocks(n, parts):
     sizes = np.diff(bounds)
     assert bounds[0] == 0 and bounds[-1] == n and len(sizes) == parts
     assert sizes.max() - sizes.min() <= 1 and list(sizes) == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("length, segment", [(0, 4), (8, 4), (9, 4), (13, 4), (10, 0), (5, 1)])
+def test_segments_cut_a_message_into_contiguous_pieces(length, segment):
+    pieces = segments(length, segment)
+    assert pieces[0][0] == 0 and pieces[-1][1] == length
+    assert all(b == a2 for (_, b), (a2, _) in zip(pieces, pieces[1:]))
+    if segment == 0 or length <= 2 * segment:
+        assert pieces == [(0, length)]  # short messages go whole: no per-piece cost
+    else:
+        assert all(b - a == segment for a, b in pieces[:-1]) and 0 < pieces[-1][1] - pieces[-1][0] <= segment
 
 
 def test_parse_sizes():
@@ -32,6 +44,8 @@ def test_allreduce_config_validation(monkeypatch):
         AllreduceConfig(non_power_of_two="tree")
     with pytest.raises(ConfigError, match="native_below_bytes"):
         AllreduceConfig(native_below_bytes=-1)
+    with pytest.raises(ConfigError, match="segment_bytes"):
+        AllreduceConfig(segment_bytes=-1)
     monkeypatch.setenv("MPISGD_AUTO_NATIVE_BELOW", "12345")
     monkeypatch.setenv("MPISGD_CHECK_COLLECTIVES", "0")
     cfg = AllreduceConfig()
