@@ -71,10 +71,10 @@ def run_info(args: argparse.Namespace) -> int:
     shm += "fused host buckets from 256 KiB through shm, " if comm.shm_for_fusion else ""
     shm += ("hier (each node's sum through its window, then across nodes) from there and for fused host "
             "buckets, " if comm.hierarchical else "")
+    pieces = f"in pieces of {comm.segment_bytes} bytes" if comm.segment_bytes else "whole"
     lines.append(f"allreduce auto: native below {comm.native_below_bytes} bytes, {shm}rhd for power-of-two "
-                 f"ranks, {cfg.non_power_of_two} otherwise; rhd/ring reduce host data "
-                 f"{f'in pieces of {comm.segment_bytes} bytes' if comm.segment_bytes else 'whole'}; collective checks "
-                 f"{'on' if cfg.check_collectives else 'off'}")
+                 f"ranks, {cfg.non_power_of_two} otherwise; rhd/ring reduce host data {pieces}; collective "
+                 f"checks {'on' if cfg.check_collectives else 'off'}")
     print("\n".join(lines), flush=True)
     return 0
 

@@ -47,10 +47,12 @@ def exchange(comm: MPI.Comm, ops, send, dest: int, recv, source: int, tag: int, 
     if not polite:
         comm.Sendrecv(ops.buffer(send), dest, tag, ops.buffer(recv), source, tag)
         return
-    _wait([comm.Irecv(ops.buffer(recv), source, tag), comm.Isend(ops.buffer(send), dest, tag)], polite)
+    requests = [comm.Irecv(ops.buffer(recv), source, tag), comm.Isend(ops.buffer(send), dest, tag)]
+    wait_requests(requests, polite)
 
 
-def _wait(requests: list, polite: bool) -> None:
+def wait_requests(requests: list, polite: bool) -> None:
+    """Waitall; ``polite``: by testing and yielding the CPU (see ``exchange``)."""
     if not polite:
         MPI.Request.Waitall(requests)
         return
@@ -86,12 +88,12 @@ def exchange_reduce(comm: MPI.Comm, ops, send, dest: int, acc, scratch, source: 
 
     pending = [receive(k) for k in range(min(2, len(pieces)))]
     for k, (a, b) in enumerate(pieces):
-        _wait([pending[k]], polite)
+        wait_requests([pending[k]], polite)
         if b > a:
             ops.reduce_(acc[a:b], slots[k % len(slots)][:b - a], op)
         if k + 2 < len(pieces):  # into the slot just reduced: piece k + 1 arrives meanwhile
             pending.append(receive(k + 2))
-    _wait(sends, polite)
+    wait_requests(sends, polite)
 
 
 def block_bounds(n: int, parts: int) -> list[int]:
@@ -108,7 +110,8 @@ def allreduce_native(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool
     comm.Allreduce(MPI.IN_PLACE, ops.buffer(buf), op=MPI_OPS[op])
 
 
-def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False, segment: int = 0) -> None:
+def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False,
+                  segment: int = 0) -> None:
     size, rank, n = comm.Get_size(), comm.Get_rank(), len(buf)
     if size == 1 or n == 0:
         return
@@ -117,8 +120,8 @@ def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = 
     if rank < 2 * folded:  # the half-fold: each of the pair reduces one half of the pair's vectors
         half = n // 2
         if rank % 2 == 0:
-            exchange_reduce(comm, ops, buf[half:], rank + 1, buf[:half], scratch[:half], rank + 1, op, _TAG_FOLD,
-                            polite=polite, segment=segment)
+            exchange_reduce(comm, ops, buf[half:], rank + 1, buf[:half], scratch[:half], rank + 1, op,
+                            _TAG_FOLD, polite=polite, segment=segment)
             comm.Send(ops.buffer(buf[:half]), dest=rank + 1, tag=_TAG_FOLD)
             comm.Recv(ops.buffer(buf), source=rank + 1, tag=_TAG_FOLD)
             return
@@ -133,13 +136,15 @@ def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = 
         return 2 * v + 1 if v < folded else v + folded
 
     bounds = block_bounds(n, pof2)
-    kept = _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, polite, segment)
+    kept = _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, polite,
+                                   segment)
     _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, polite)
     if rank < 2 * folded:
         comm.Send(ops.buffer(buf), dest=rank - 1, tag=_TAG_FOLD)
 
 
-def _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, polite, segment) -> list:
+def _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, polite,
+                            segment) -> list:
     """Recursive halving, nearest partner first: at distance 1, 2, 4, ... each rank keeps half of its
     range (the lower half when its bit at that distance is 0). The first and largest exchanges stay
     between neighbouring ranks, which launchers place on the same node. Returns the ranges kept after
@@ -174,7 +179,8 @@ def _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, po
         mask >>= 1
 
 
-def allreduce_ring(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False, segment: int = 0) -> None:
+def allreduce_ring(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False,
+                   segment: int = 0) -> None:
     size, rank, n = comm.Get_size(), comm.Get_rank(), len(buf)
     if size == 1 or n == 0:
         return

@@ -31,7 +31,7 @@ from mpi4py import MPI
 
 from ..backend import HOST_OPS
 from ..errors import CommError
-from .algorithms import block_bounds
+from .algorithms import block_bounds, wait_requests
 
 #: elements reduced per pass over the slots: the partial sums stay in cache between slots
 _CACHE_ELEMENTS = 16384
@@ -127,12 +127,7 @@ class SharedMemoryAllreduce:
     def _barrier(self) -> None:
         self.slots_win.Sync()
         self.result_win.Sync()
-        request = self.comm.Ibarrier()
-        if self.polite:
-            while not request.Test():
-                os.sched_yield()
-        else:
-            request.Wait()
+        wait_requests([self.comm.Ibarrier()], self.polite)
         self.slots_win.Sync()
         self.result_win.Sync()
 
