@@ -38,6 +38,10 @@ def _env_int(name: str, default: Optional[int]) -> Optional[int]:
         raise ConfigError(f"{name} must be an integer number of bytes, got {raw!r}") from None
 
 
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _env_flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None:
@@ -65,10 +69,11 @@ class AllreduceConfig:
     window and only the node's sum crosses the network, split over its ranks. It sends a node's
     vector over the network once instead of once per rank, but copies more in memory; on nodes
     emulated on one machine, where the "network" is as fast as memory, it lost to rhd/ring.
-    ``None`` thresholds mean the measured defaults: with more than 2 ranks on one node, native
-    below 1 MiB and shm below 4 MiB (at 256 KiB shm and native were within the noise); otherwise
-    no shm for single vectors (at 2 ranks it was slower than rhd and native from 1 MiB) and native
-    below 2 MiB up to two ranks, 4 MiB beyond. ``shm_area_bytes``: the window's slot per rank (two
+    ``None`` thresholds mean the measured defaults: on one node with a process count of more than 2
+    that is not a power of two, native below 512 KiB and shm below 4 MiB (there MPICH's own folds
+    and idles ranks; shm took 0.66-0.91x of its time at p = 3, 5, 6); otherwise no shm for single
+    vectors (at p = 2, 4 and 8 it lost to MPICH's own Rabenseifner by 1.1-1.45x from 512 KiB to 4 MiB)
+    and native below 2 MiB up to two ranks, 4 MiB beyond. ``shm_area_bytes``: the window's slot per rank (two
     per rank, and two result areas); fused host buckets are cut to it. Environment overrides: MPISGD_SHM=0|1, MPISGD_AUTO_NATIVE_BELOW,
     MPISGD_AUTO_SHM_BELOW, MPISGD_SHM_AREA_BYTES (bytes), MPISGD_AUTO_NON_POWER_OF_TWO, MPISGD_HIERARCHICAL=0|1,
     MPISGD_CHECK_COLLECTIVES=0|1, MPISGD_YIELD_WHEN_WAITING=auto|0|1 (rhd/ring/shm wait by yielding
@@ -230,12 +235,13 @@ class Communicator:
 
     @property
     def shm_below_bytes(self) -> int:
-        """Single vectors from ``native_below_bytes`` up to this go to ``shm`` under ``auto``."""
+        """Single vectors from ``native_below_bytes`` up to this go to ``shm`` under ``auto``: by default
+        only where the process count is not a power of two (see ``AllreduceConfig``)."""
         if not self.shm_for_fusion:
             return 0
         if self.config.shm_below_bytes is not None:
             return self.config.shm_below_bytes
-        return 4 << 20 if self.size > 2 else 0
+        return 4 << 20 if self.size > 2 and not is_power_of_two(self.size) else 0
 
     @property
     def native_below_bytes(self) -> int:
@@ -244,7 +250,7 @@ class Communicator:
         if self.config.native_below_bytes is not None:
             return self.config.native_below_bytes
         if self.shm_below_bytes > 0:
-            return 1 << 20
+            return 512 << 10
         if self.num_nodes > 1 and self.most_ranks_per_node > 1:
             return 512 << 10  # there MPICH's own fell to 0.3x of rhd/ring from 1 MiB (BENCHMARKS.md)
         return 2 << 20 if self.size <= 2 else 4 << 20
@@ -262,7 +268,7 @@ class Communicator:
     def _large_message_algorithm(self, size: Optional[int] = None) -> str:
         """rhd for a power-of-two process count (``size``, default: this communicator's), else the ring."""
         size = self.size if size is None else size
-        return "rhd" if size & (size - 1) == 0 else self.config.non_power_of_two
+        return "rhd" if is_power_of_two(size) else self.config.non_power_of_two
 
     def _shared_memory(self, *, required: bool = True) -> Optional[SharedMemoryAllreduce]:
         """The shared window, created on first use (collectively: all ranks choose shm together).

@@ -162,6 +162,20 @@ def test_shared_memory_takes_long_vectors_in_pieces_and_cuts_fused_buckets_to_it
     comm.free()
 
 
+@pytest.mark.skipif(not ONE_NODE, reason="the defaults for one node")
+def test_auto_sends_single_vectors_through_the_window_only_for_process_counts_not_a_power_of_two():
+    """By default (no MPISGD_* override): MPICH's own Rabenseifner beat shm at 2, 4 and 8 ranks up to
+    4 MiB, while at 3, 5 and 6 ranks, where it folds and idles ranks, shm won (BENCHMARKS.md)."""
+    comm = mpisgd.Communicator(config=mpisgd.AllreduceConfig(native_below_bytes=None, shm_below_bytes=None,
+                                                             shared_memory=True))
+    power_of_two = P & (P - 1) == 0
+    assert comm.choose_algorithm(1 << 20) == ("native" if power_of_two else "shm")
+    assert comm.choose_algorithm(256 << 10) == "native"
+    assert comm.choose_algorithm(8 << 20) == ("native" if P == 1 else "rhd" if power_of_two else "ring")
+    assert comm.choose_algorithm(1 << 20, host=False) != "shm"  # GPU buffers under CUDA-aware MPI
+    comm.free()
+
+
 def check_window_path(comm, algorithm):
     """With a 4 KiB window: a 40 KB vector (in pieces) and fused buckets of several sizes and dtypes
     match MPI_Allreduce and are bitwise identical on every rank."""
