@@ -21,9 +21,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from gloo_setup import init_gloo
 from mpi4py import MPI
 
-from gloo_setup import init_gloo
 from mpisgd import AllreduceConfig, Communicator
 from mpisgd.bench import format_size, iterations_for, parse_sizes, time_calls
 

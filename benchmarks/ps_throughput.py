@@ -38,7 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mpisgd.testing import MARKER_VARIABLE, duty_cycle, pid_of_rank
+from mpisgd.faults import MARKER_VARIABLE, duty_cycle, pid_of_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -97,7 +97,7 @@ def rma_job(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from mpisgd.ps import (
+    from mpisgd.downpour import (
     AdagradRule,
     ParameterClient,
     ParameterServerWindows,
@@ -105,7 +105,7 @@ def rma_job(args: argparse.Namespace) -> None:
     ShardLayout,
     ShardServer,
     )
-    from mpisgd.ps.server import idle_sleep_for, lower_cpu_priority
+    from mpisgd.downpour.server import idle_sleep_for, lower_cpu_priority
 
     comm = MPI.COMM_WORLD.Dup()
     roles = Roles.assign(comm.Get_size(), 1)

@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 from scipy.optimize import minimize
 
-from mpisgd.testing import MARKER_VARIABLE, duty_cycle, pid_of_rank
+from mpisgd.faults import MARKER_VARIABLE, duty_cycle, pid_of_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

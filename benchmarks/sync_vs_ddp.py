@@ -21,8 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from gloo_setup import init_gloo
+
 from mpisgd import DistributedOptimizer, broadcast_parameters, get_communicator
 
 

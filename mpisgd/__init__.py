@@ -11,14 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import Any, Sequence
 
-from .errors import CommError, ConfigError, MpisgdError
+from mpisgd import _deprecated
+from mpisgd.errors import CommError, ConfigError, MpisgdError
+
+_deprecated.install()
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "AllreduceConfig": "mpisgd.comm", "Communicator": "mpisgd.comm", "get_communicator": "mpisgd.comm",
-    "DistributedOptimizer": "mpisgd.distributed", "broadcast_parameters": "mpisgd.distributed",
-    "broadcast_optimizer_state": "mpisgd.distributed", "NonFiniteGradientError": "mpisgd.distributed",
+    "DistributedOptimizer": "mpisgd.sync.optimizer", "broadcast_parameters": "mpisgd.sync.optimizer",
+    "broadcast_optimizer_state": "mpisgd.sync.optimizer", "NonFiniteGradientError": "mpisgd.sync.optimizer",
 }
 
 
@@ -29,7 +32,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _comm(comm: Any):
-    from .comm import get_communicator
+    from mpisgd.comm import get_communicator
     return get_communicator(comm)
 
 

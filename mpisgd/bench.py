@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from .comm.communicator import ALGORITHM_NAMES, AllreduceConfig, Communicator
-from .errors import ConfigError
+from mpisgd.comm.communicator import ALGORITHM_NAMES, AllreduceConfig, Communicator
+from mpisgd.errors import ConfigError
 
 DEFAULT_SIZES = "4KiB,16KiB,64KiB,256KiB,1MiB,2MiB,4MiB,16MiB,64MiB"
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "K": 1 << 10, "M": 1 << 20,

@@ -17,8 +17,8 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
-from . import __version__
-from .errors import ConfigError, MpisgdError
+from mpisgd import __version__
+from mpisgd.errors import ConfigError, MpisgdError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -35,8 +35,8 @@ def run_info(args: argparse.Namespace) -> int:
     """Print MPI library, thread level, ranks, node-local layout, CUDA-awareness and backends."""
     from mpi4py import MPI
 
-    from . import backend
-    from .comm import get_communicator
+    from mpisgd import arrays as backend
+    from mpisgd.comm import get_communicator
 
     comm = get_communicator()
     try:
@@ -82,8 +82,8 @@ def run_info(args: argparse.Namespace) -> int:
 # ---- mpisgd bench allreduce -----------------------------------------------------------------
 
 def configure_bench_allreduce(args: argparse.Namespace) -> argparse.Namespace:
-    from . import bench
-    from .comm.communicator import ALGORITHM_NAMES
+    from mpisgd import bench
+    from mpisgd.comm.communicator import ALGORITHM_NAMES
 
     args.sizes = bench.parse_sizes(args.sizes)
     args.algorithms = [a.strip() for a in (args.algorithms or "").split(",") if a.strip()]
@@ -94,8 +94,8 @@ def configure_bench_allreduce(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run_bench_allreduce(args: argparse.Namespace) -> int:
-    from . import bench
-    from .comm import get_communicator
+    from mpisgd import bench
+    from mpisgd.comm import get_communicator
 
     comm = get_communicator()
     window = {"shm": comm.single_node, "hier": comm.equal_nodes_of_several}
@@ -112,13 +112,13 @@ def run_bench_allreduce(args: argparse.Namespace) -> int:
 # ---- mpisgd train / make-data / plot --------------------------------------------------------
 
 def configure_train(args: argparse.Namespace):
-    from .config import train_config_from
+    from mpisgd.training.config import train_config_from
     return train_config_from(args)
 
 
 def run_train(cfg) -> int:
-    from .comm import get_communicator
-    from .strategies import run_strategy
+    from mpisgd.comm import get_communicator
+    from mpisgd.training.registry import run_strategy
 
     comm = get_communicator()
     summary = run_strategy(cfg, comm)
@@ -149,7 +149,7 @@ def run_make_data(args: argparse.Namespace) -> int:
     """Written by one process only, so launching it under mpiexec is harmless."""
     from mpi4py import MPI
 
-    from .data import make_classification_h5
+    from mpisgd.data import make_classification_h5
 
     if MPI.COMM_WORLD.Get_rank() == 0:
         make_classification_h5(args.output, n_samples=args.samples, n_features=args.features,
@@ -160,7 +160,7 @@ def run_make_data(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .metrics import plot_metrics
+    from mpisgd.metrics import plot_metrics
 
     for path in args.metrics:
         import os
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     allreduce.set_defaults(configure=configure_bench_allreduce, handler=run_bench_allreduce)
 
-    from .config import add_train_arguments
+    from mpisgd.training.config import add_train_arguments
 
     train = sub.add_parser("train", help="train a model (mpiexec -n P mpisgd train --strategy sync ...)")
     add_train_arguments(train)
@@ -275,7 +275,7 @@ def _fail(message: str, code: int, *, every_rank: bool) -> int:
     prefix = f"[rank {rank}] " if size > 1 else ""
     print(prefix + message.rstrip(), file=sys.stderr, flush=True)
     if size > 1 and not every_rank:
-        from .comm.abort import abort_world
+        from mpisgd.comm.abort import abort_world
         abort_world(code)
     return code
 

@@ -11,7 +11,6 @@ between hosts.
 import sys
 
 import pytest
-
 from helpers import run_mpi
 
 INNER = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--timeout=120"]

@@ -30,7 +30,7 @@ import os
 
 from mpi4py import MPI
 
-from ..backend import MPI_OPS
+from mpisgd.arrays import MPI_OPS
 
 _TAG_FOLD = 7101
 _TAG_RHD = 7102

@@ -14,10 +14,10 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from .. import backend
-from ..errors import CommError, ConfigError, MpisgdError
-from .algorithms import ALGORITHMS
-from .shm import SharedMemoryAllreduce
+from mpisgd import arrays as backend
+from mpisgd.comm.algorithms import ALGORITHMS
+from mpisgd.comm.shm import SharedMemoryAllreduce
+from mpisgd.errors import CommError, ConfigError, MpisgdError
 
 OPS = ("sum", "mean", "max", "min")
 ALGORITHM_NAMES = ("auto", "rhd", "ring", "shm", "hier", "native")

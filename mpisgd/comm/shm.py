@@ -26,12 +26,13 @@ carries each node's vector once, split over all its ranks, instead of every rank
 from __future__ import annotations
 
 import os
+
 import numpy as np
 from mpi4py import MPI
 
-from ..backend import HOST_OPS
-from ..errors import CommError
-from .algorithms import block_bounds, wait_requests
+from mpisgd.arrays import HOST_OPS
+from mpisgd.comm.algorithms import block_bounds, wait_requests
+from mpisgd.errors import CommError
 
 #: elements reduced per pass over the slots: the partial sums stay in cache between slots
 _CACHE_ELEMENTS = 16384

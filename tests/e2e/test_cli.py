@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers import mpisgd_command, run_mpi
 
 

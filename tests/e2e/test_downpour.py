@@ -26,9 +26,9 @@ from helpers import mpisgd_command, run_mpi
 
 from mpisgd.checkpoint import load_checkpoint
 from mpisgd.data import make_classification_h5
+from mpisgd.faults import MARKER_VARIABLE, pid_of_rank
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
-from mpisgd.testing import MARKER_VARIABLE, pid_of_rank
 
 TIMEOUT = 120
 PATHS = {"shm": {}, "network": {"MPIR_CVAR_NOLOCAL": "1"}}

@@ -3,7 +3,6 @@
 import sys
 
 import pytest
-
 from helpers import ROOT, run_mpi
 
 

@@ -7,7 +7,7 @@ softmax regression + (wd/2)||W||^2, bias not penalized) in numpy, minimized by s
 Slow and frozen workers are made from outside the job: the test finds a worker's PID through the
 environment of the job's processes (a marker variable plus hydra's PMI_RANK) and SIGSTOPs/SIGCONTs it.
 A worker cannot be killed with a signal to test a dead one: MPICH's hydra then SIGKILLs every rank
-whatever the flags (see the docstring of mpisgd.strategies.sandblaster); the test instead makes a
+whatever the flags (see the docstring of mpisgd.sandblaster.job); the test instead makes a
 worker leave the job with an exit (the worker's test-only MPISGD_SANDBLASTER_TEST_EXIT) under
 `mpiexec -disable-auto-cleanup`.
 """
@@ -22,14 +22,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import mpisgd_command, run_mpi
 from scipy.optimize import minimize
 
-from helpers import mpisgd_command, run_mpi
 from mpisgd.checkpoint import load_checkpoint
 from mpisgd.data import make_classification_h5
+from mpisgd.faults import MARKER_VARIABLE, duty_cycle, pid_of_rank
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
-from mpisgd.testing import MARKER_VARIABLE, duty_cycle, pid_of_rank
 
 TIMEOUT = 120
 WEIGHT_DECAY = 1e-2

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from helpers import mpisgd_command, run_mpi
+
 from mpisgd.checkpoint import load_checkpoint
 from mpisgd.metrics import read_metrics
 

@@ -12,7 +12,7 @@ import torch
 from mpi4py import MPI
 
 import mpisgd
-from mpisgd import backend
+from mpisgd import arrays as backend
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpisgd.ps import ParameterClient, ParameterServerWindows, Roles, SGDRule, ShardLayout, ShardServer
-from mpisgd.ps.windows import PUSHES, VERSION
+from mpisgd.downpour import ParameterClient, ParameterServerWindows, Roles, SGDRule, ShardLayout, ShardServer
+from mpisgd.downpour.windows import PUSHES, VERSION
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()

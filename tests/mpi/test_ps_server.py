@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpisgd.errors import ConfigError
-from mpisgd.ps import (
+from mpisgd.downpour import (
     AdagradRule,
     NonFinitePushError,
     ParameterClient,
@@ -19,7 +18,8 @@ from mpisgd.ps import (
     ShardLayout,
     ShardServer,
 )
-from mpisgd.ps.windows import PUSHES, REJECTED, VERSION
+from mpisgd.downpour.windows import PUSHES, REJECTED, VERSION
+from mpisgd.errors import ConfigError
 
 N = 1000
 

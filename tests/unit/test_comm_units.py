@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpisgd import backend
+from mpisgd import arrays as backend
 from mpisgd.bench import parse_size, parse_sizes
 from mpisgd.comm import AllreduceConfig, block_bounds
 from mpisgd.comm.algorithms import segments

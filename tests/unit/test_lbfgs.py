@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import minimize as scipy_minimize
 from scipy.optimize import rosen, rosen_der
 
-from mpisgd.optim.lbfgs import (
+from mpisgd.sandblaster.lbfgs import (
     LBFGSSettings,
     LocalWorkspace,
     NonFiniteObjectiveError,
@@ -222,8 +222,8 @@ def gradient_message(pass_id, portion, values):
 
 
 def test_shard_adds_each_portion_exactly_once_in_id_order():
-    from mpisgd.ps.sandblaster_protocol import PARAMETERS
-    from mpisgd.ps.sandblaster_shard import VectorShard
+    from mpisgd.sandblaster.protocol import PARAMETERS
+    from mpisgd.sandblaster.shard import VectorShard
 
     comm = RecordingComm()
     x = np.array([1.0, -2.0, 3.0, 0.5])
@@ -258,7 +258,7 @@ def test_shard_adds_each_portion_exactly_once_in_id_order():
 
 def test_shard_refuses_a_portion_counted_twice_and_reports_missing_ones():
     from mpisgd.errors import CommError
-    from mpisgd.ps.sandblaster_shard import VectorShard
+    from mpisgd.sandblaster.shard import VectorShard
 
     comm = RecordingComm()
     shard = VectorShard(comm, coordinator=9, initial=np.zeros(2), decay_mask=np.ones(2), weight_decay=0.0,
@@ -301,7 +301,7 @@ class SimulatedWorkers:
     def _ready(self, source, tag):
         from mpi4py import MPI
 
-        from mpisgd.ps.sandblaster_protocol import RESULT
+        from mpisgd.sandblaster.protocol import RESULT
         now = time.monotonic()
         for item in sorted(self.inbox):
             if item[0] <= now and tag in (RESULT, MPI.ANY_TAG) and source in (item[1], MPI.ANY_SOURCE):
@@ -321,8 +321,8 @@ class SimulatedWorkers:
 
 
 def scheduler(comm, **options):
-    from mpisgd.ps.sandblaster_coordinator import PortionScheduler
-    from mpisgd.ps.sandblaster_protocol import Portions
+    from mpisgd.sandblaster.protocol import Portions
+    from mpisgd.sandblaster.scheduler import PortionScheduler
     settings = {"backup_tasks": True, "worker_timeout": 5.0, **options}
     return PortionScheduler(comm, workers=(2, 3), portions=Portions(80, 10), **settings)
 

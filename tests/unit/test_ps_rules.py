@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpisgd.downpour.rules import AdagradRule, DelayCompensation, SGDRule, make_rule
 from mpisgd.errors import ConfigError
-from mpisgd.ps.rules import AdagradRule, DelayCompensation, SGDRule, make_rule
 
 G = np.array([0.5, -2.0, 0.0, 4.0], dtype=np.float32)
 W = np.array([1.0, 1.0, -1.0, 0.5], dtype=np.float32)
@@ -107,7 +107,7 @@ def test_make_rule_names_the_valid_rules():
 def test_a_server_in_its_own_session_lowers_its_priority_and_its_autogroups():
     """As MPI launchers start ranks: each in a session of its own, where os.nice alone changes nothing
     between ranks (the CPU is shared between autogroups first)."""
-    probe = ("import os; from mpisgd.ps.server import lower_cpu_priority; lower_cpu_priority(7); "
+    probe = ("import os; from mpisgd.downpour.server import lower_cpu_priority; lower_cpu_priority(7); "
              "print(os.getpriority(os.PRIO_PROCESS, 0)); print(open('/proc/self/autogroup').read().split()[-1])")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
                             start_new_session=True)

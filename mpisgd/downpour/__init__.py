@@ -2,11 +2,10 @@
 of the shards, the client side (pull parameters, push gradients), the server side (take, check, apply,
 publish) and the server update rules (sgd, adagrad) with DC-ASGD's delay compensation."""
 
-from .client import NonFinitePushError, ParameterClient
-from .layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
-from .rules import RULES, AdagradRule, DelayCompensation, SGDRule, UpdateRule, make_rule
-from .server import ShardServer
-from .windows import (
+from mpisgd.downpour.client import NonFinitePushError, ParameterClient
+from mpisgd.downpour.rules import RULES, AdagradRule, DelayCompensation, SGDRule, UpdateRule, make_rule
+from mpisgd.downpour.server import ShardServer
+from mpisgd.downpour.windows import (
     DONE,
     DRAINING,
     FAILED,
@@ -19,6 +18,7 @@ from .windows import (
     BoardLayout,
     ParameterServerWindows,
 )
+from mpisgd.training.layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
 
 __all__ = ["COORDINATOR", "DONE", "DRAINING", "FAILED", "FINISHED", "RULES", "RUNNING", "SERVER",
            "STALENESS_BINS", "STOPPING", "STOP_REASONS", "TRAINING", "WORKER", "AdagradRule", "BoardLayout",

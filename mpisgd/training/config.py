@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError
+from mpisgd.errors import ConfigError
 
 STRATEGIES = ("sync", "downpour", "dcasgd", "sandblaster")
 SERVER_RULES = ("sgd", "adagrad")

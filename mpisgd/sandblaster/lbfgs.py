@@ -12,7 +12,7 @@ runs on its own slice, and only scalars come back. This module is that optimizer
 * :func:`minimize` is L-BFGS with the strong-Wolfe line search of Nocedal & Wright (alg. 3.5/3.6)
   against a :class:`Workspace` (run a program; evaluate the objective at a named vector);
   :class:`LocalWorkspace` is the one-process workspace used by tests, the distributed one lives
-  in ``mpisgd.ps.sandblaster_coordinator``.
+  in ``mpisgd.sandblaster.scheduler``.
 
 Why the two-loop recursion runs on a Gram matrix (Chen et al. 2014, "vector-free L-BFGS"): the
 textbook recursion needs one dot product per history pair and loop, each depending on the previous

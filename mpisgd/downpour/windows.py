@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .layout import Roles, ShardLayout
+from mpisgd.training.layout import Roles, ShardLayout
 
 # ---- control counters of each server (int64) ------------------------------------------------------
 VERSION = 0  #: updates applied to the shard
@@ -176,7 +176,7 @@ class ParameterServerWindows:
     # ---- lifetime ---------------------------------------------------------------------------------
     def free(self) -> None:
         """Collective: end every rank's epoch and free the windows. Every rank must call it, so only
-        at a normal end of the job (see mpisgd.strategies.downpour on ending with a hung rank)."""
+        at a normal end of the job (see mpisgd.downpour.job on ending with a hung rank)."""
         if self._freed:
             return
         for win in self._windows:

@@ -14,9 +14,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .comm import get_communicator
-from .comm.communicator import ALGORITHM_NAMES, DEFAULT_BUCKET_BYTES
-from .errors import ConfigError, MpisgdError
+from mpisgd.comm import get_communicator
+from mpisgd.comm.communicator import ALGORITHM_NAMES, DEFAULT_BUCKET_BYTES
+from mpisgd.errors import ConfigError, MpisgdError
 
 
 class NonFiniteGradientError(MpisgdError, FloatingPointError):

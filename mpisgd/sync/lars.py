@@ -70,7 +70,7 @@ class LARS(torch.optim.Optimizer):
     The learning rate sits *inside* the momentum buffer (unlike `torch.optim.SGD`, whose buffer holds
     `momentum * v + d` and multiplies by lr afterwards). With a constant lr both forms give the same
     trajectory; when lr changes, this form needs Goyal et al.'s momentum correction, see
-    `mpisgd.optim.schedule.momentum_correction` (which recognises this optimizer through
+    `mpisgd.sync.schedule.momentum_correction` (which recognises this optimizer through
     `LARS.lr_in_momentum_buffer`).
 
     Parameter groups may set ``lars_exclude=True`` (no trust ratio: plain momentum SGD) and their own

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..comm import Communicator
-from ..config import TrainConfig
-from ..data import ShardedHDF5, default_dataset
-from ..errors import ConfigError
+from mpisgd.comm import Communicator
+from mpisgd.data import ShardedHDF5, default_dataset
+from mpisgd.errors import ConfigError
+from mpisgd.training.config import TrainConfig
 
 
 @dataclass

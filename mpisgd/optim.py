@@ -1,8 +1,8 @@
 """Optimizers and lr schedules with no communication in them (LARS, warm-up + linear scaling, momentum
 correction). Distributed training wraps these; they never import MPI."""
 
-from mpisgd.optim.lars import LARS, is_no_decay_parameter, split_decay_groups, trust_ratio
-from mpisgd.optim.schedule import (
+from mpisgd.sync.lars import LARS, is_no_decay_parameter, split_decay_groups, trust_ratio
+from mpisgd.sync.schedule import (
     SCHEDULES,
     MomentumCorrectedScheduler,
     WarmupDecay,

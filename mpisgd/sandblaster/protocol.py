@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from ..errors import CommError
+from mpisgd.errors import CommError
 
 COMMAND, REPLY, ASSIGN, PULL, PARAMETERS, GRADIENT, RESULT, EXIT = range(101, 109)
 

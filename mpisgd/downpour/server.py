@@ -27,9 +27,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import ConfigError
-from .rules import UpdateRule
-from .windows import CLAIMS, CONTROL_SLOTS, PUSHES, REJECTED, VERSION, ParameterServerWindows
+from mpisgd.downpour.rules import UpdateRule
+from mpisgd.downpour.windows import CLAIMS, CONTROL_SLOTS, PUSHES, REJECTED, VERSION, ParameterServerWindows
+from mpisgd.errors import ConfigError
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
 SHARED_MEMORY_IDLE_SLEEP_S = 0.0005

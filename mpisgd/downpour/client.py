@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import ConfigError, MpisgdError
-from .windows import CLAIMS, CONTROL_SLOTS, PUSHES, VERSION, ParameterServerWindows
+from mpisgd.downpour.windows import CLAIMS, CONTROL_SLOTS, PUSHES, VERSION, ParameterServerWindows
+from mpisgd.errors import ConfigError, MpisgdError
 
 
 class NonFinitePushError(MpisgdError, FloatingPointError):

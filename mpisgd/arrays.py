@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
-from .errors import ConfigError
+from mpisgd.errors import ConfigError
 
 try:  # torch is a dependency, but keep `mpisgd info` usable if it is broken
     import torch

@@ -3,8 +3,8 @@ server over one-sided MPI.
 
 Roles: world ranks 0..S-1 are parameter-server shards (``--servers S``), the other ranks are workers
 (model replicas), each reading its own shard of the training data. The model's flat parameter vector
-is split into S contiguous shards (:class:`mpisgd.ps.ShardLayout`) held in RMA windows
-(:mod:`mpisgd.ps.windows`). A worker pulls all shards every ``--n-fetch`` steps, and pushes its
+is split into S contiguous shards (:class:`mpisgd.downpour.ShardLayout`) held in RMA windows
+(:mod:`mpisgd.downpour.windows`). A worker pulls all shards every ``--n-fetch`` steps, and pushes its
 accrued gradient every ``--n-push`` steps (Downpour's client loop; between fetches it also takes local
 SGD steps, as in the paper). Servers apply ``--server-rule`` (sgd or adagrad) to what was pushed.
 
@@ -13,7 +13,7 @@ steps one at a time from a shared counter (an atomic fetch-and-add on shard 0), 
 do more of them and a straggler holds nobody back; ``--max-steps`` caps each worker's own steps. The
 metrics' ``step`` (and ``--log-every``, ``--eval-every``, ``--checkpoint-every``) counts pushes.
 ``--strategy dcasgd`` is Downpour whose workers correct each gradient for its delay before pushing
-(:class:`mpisgd.ps.DelayCompensation`; see there why on the worker) and whose servers apply SGD.
+(:class:`mpisgd.downpour.DelayCompensation`; see there why on the worker) and whose servers apply SGD.
 
 Nobody waits for anybody: workers and servers only touch each other's memory with RMA, inside one
 ``Lock_all`` epoch per window. Coordination goes through server 0's board window: workers write
@@ -63,16 +63,12 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from .. import checkpoint as ckpt
-from ..backend import select_device
-from ..comm import Communicator
-from ..comm.abort import abort_world
-from ..config import TrainConfig
-from ..data.sharding import samples_per_rank
-from ..errors import ConfigError, MpisgdError
-from ..metrics import MetricsWriter
-from ..models import build_model
-from ..ps import (
+from mpisgd import checkpoint as ckpt
+from mpisgd.arrays import select_device
+from mpisgd.comm import Communicator
+from mpisgd.comm.abort import abort_world
+from mpisgd.data.sharding import samples_per_rank
+from mpisgd.downpour import (
     DONE,
     DRAINING,
     FAILED,
@@ -92,9 +88,13 @@ from ..ps import (
     ShardServer,
     make_rule,
 )
-from ..ps.server import idle_sleep_for, lower_cpu_priority, network_path
-from ..ps.windows import PUSHES, REJECTED, VERSION
-from .common import open_datasets
+from mpisgd.downpour.server import idle_sleep_for, lower_cpu_priority, network_path
+from mpisgd.downpour.windows import PUSHES, REJECTED, VERSION
+from mpisgd.errors import ConfigError, MpisgdError
+from mpisgd.metrics import MetricsWriter
+from mpisgd.models import build_model
+from mpisgd.training.config import TrainConfig
+from mpisgd.training.loop import open_datasets
 
 FAULT_VARIABLE = "MPISGD_TEST_WORKER_FAULT"
 BOARD_CHECK_S = 0.01  # how often servers look at the board

@@ -2,7 +2,7 @@
 on it, and the per-pass sum of portion gradients.
 
 The shard never sees a whole vector. The coordinator sends it programs of vector commands
-(`mpisgd.optim.lbfgs.run_program`) and gets partial scalars back; between a "begin" and an "end"
+(`mpisgd.sandblaster.lbfgs.run_program`) and gets partial scalars back; between a "begin" and an "end"
 command (one evaluation of the objective, a *pass*) workers pull the pass's point from it and push
 the gradient of each portion of the training set they computed.
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import CommError
-from ..optim.lbfgs import run_program
-from .sandblaster_protocol import COMMAND, GRADIENT, PARAMETERS, PULL, REPLY, Backoff
+from mpisgd.errors import CommError
+from mpisgd.sandblaster.lbfgs import run_program
+from mpisgd.sandblaster.protocol import COMMAND, GRADIENT, PARAMETERS, PULL, REPLY, Backoff
 
 
 @dataclass

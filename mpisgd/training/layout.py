@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..comm.algorithms import block_bounds
-from ..errors import ConfigError
+from mpisgd.comm.algorithms import block_bounds
+from mpisgd.errors import ConfigError
 
 SERVER, WORKER, COORDINATOR = "server", "worker", "coordinator"
 

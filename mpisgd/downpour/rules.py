@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ..errors import ConfigError
+from mpisgd.errors import ConfigError
 
 RULES = ("sgd", "adagrad")
 DC_VARIANTS = ("constant", "adaptive")

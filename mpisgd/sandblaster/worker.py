@@ -28,9 +28,18 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from ..data import ShardedHDF5
-from .layout import ShardLayout
-from .sandblaster_protocol import ASSIGN, EXIT, GRADIENT, PARAMETERS, PULL, RESULT, Backoff, wait_for_message
+from mpisgd.data import ShardedHDF5
+from mpisgd.sandblaster.protocol import (
+    ASSIGN,
+    EXIT,
+    GRADIENT,
+    PARAMETERS,
+    PULL,
+    RESULT,
+    Backoff,
+    wait_for_message,
+)
+from mpisgd.training.layout import ShardLayout
 
 TEST_EXIT_VARIABLE = "MPISGD_SANDBLASTER_TEST_EXIT"
 

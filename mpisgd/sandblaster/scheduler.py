@@ -1,6 +1,6 @@
 """The Sandblaster coordinator: L-BFGS's workspace on sharded vectors, and the portion scheduler.
 
-`ShardedWorkspace` implements `mpisgd.optim.lbfgs.Workspace`: a program of vector commands goes
+`ShardedWorkspace` implements `mpisgd.sandblaster.lbfgs.Workspace`: a program of vector commands goes
 to every shard and their partial scalars are combined in shard order; evaluating the objective is
 one *pass* over the training set, cut into portions that `PortionScheduler` hands to workers.
 
@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import CommError
-from ..optim.lbfgs import combine_partials
-from .layout import ShardLayout
-from .sandblaster_protocol import (
+from mpisgd.errors import CommError
+from mpisgd.sandblaster.lbfgs import combine_partials
+from mpisgd.sandblaster.protocol import (
     ASSIGN,
     COMMAND,
     EXIT,
@@ -44,6 +43,7 @@ from .sandblaster_protocol import (
     receive_object,
     wait_for_message,
 )
+from mpisgd.training.layout import ShardLayout
 
 MAX_COPIES = 2  # a portion runs on at most this many workers at once (original + one backup)
 PREFETCH = 2  # assignments a worker may hold: the next one waits in its queue while it computes
@@ -258,7 +258,7 @@ class PortionScheduler:
 
 
 class ShardedWorkspace:
-    """`mpisgd.optim.lbfgs.Workspace` whose vectors live on the shards and whose objective is a pass.
+    """`mpisgd.sandblaster.lbfgs.Workspace` whose vectors live on the shards and whose objective is a pass.
 
     The objective is sum(portion loss sums) / N + the shards' regularizer terms; the gradient is
     formed on the shards (see sandblaster_shard). Loss sums are added with math.fsum, which is

@@ -4,15 +4,15 @@
 shards, rank S is the coordinator, the other P-S-1 ranks are workers (at least one).
 
 * The shards hold the parameters and every L-BFGS vector (gradient, direction, the m history
-  pairs) in contiguous slices (`mpisgd.ps.layout.ShardLayout`) and run the coordinator's vector
-  commands on them (`mpisgd.ps.sandblaster_shard`); only scalars go back to the coordinator.
-* The coordinator runs L-BFGS with a strong-Wolfe line search (`mpisgd.optim.lbfgs`, no MPI in it)
+  pairs) in contiguous slices (`mpisgd.training.layout.ShardLayout`) and run the coordinator's vector
+  commands on them (`mpisgd.sandblaster.shard`); only scalars go back to the coordinator.
+* The coordinator runs L-BFGS with a strong-Wolfe line search (`mpisgd.sandblaster.lbfgs`, no MPI in it)
   and, for each evaluation of the objective, hands small portions of the training set
   (``--portion-size`` rows) to whichever worker is free; at the end of a pass, portions out for
   unusually long get a backup copy (``--backup-tasks``), the first copy winning
-  (`mpisgd.ps.sandblaster_coordinator`).
+  (`mpisgd.sandblaster.scheduler`).
 * Workers pull the pass's point from the shards, compute portion loss sums and gradients with torch
-  in float64, and push each shard its gradient slice (`mpisgd.ps.sandblaster_worker`).
+  in float64, and push each shard its gradient slice (`mpisgd.sandblaster.worker`).
 
 The objective (logged every iteration as ``train_objective``, also as ``loss``) is
 
@@ -63,21 +63,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
-from ..comm import Communicator
-from ..comm.abort import abort_world
-from ..config import TrainConfig
-from ..data import ShardedHDF5
-from ..errors import ConfigError, MpisgdError
-from ..metrics import MetricsWriter
-from ..models import build_model
-from ..optim.lbfgs import LBFGSSettings, NonFiniteObjectiveError, minimize
-from ..ps.layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
-from ..ps.sandblaster_coordinator import PortionScheduler, ShardedWorkspace
-from ..ps.sandblaster_protocol import ASSIGN, EXIT, Portions, wait_for_message
-from ..ps.sandblaster_shard import VectorShard
-from ..ps.sandblaster_worker import PortionWorker
-from .common import open_datasets
+from mpisgd import checkpoint as ckpt
+from mpisgd.comm import Communicator
+from mpisgd.comm.abort import abort_world
+from mpisgd.data import ShardedHDF5
+from mpisgd.errors import ConfigError, MpisgdError
+from mpisgd.metrics import MetricsWriter
+from mpisgd.models import build_model
+from mpisgd.sandblaster.lbfgs import LBFGSSettings, NonFiniteObjectiveError, minimize
+from mpisgd.sandblaster.protocol import ASSIGN, EXIT, Portions, wait_for_message
+from mpisgd.sandblaster.scheduler import PortionScheduler, ShardedWorkspace
+from mpisgd.sandblaster.shard import VectorShard
+from mpisgd.sandblaster.worker import PortionWorker
+from mpisgd.training.config import TrainConfig
+from mpisgd.training.layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
+from mpisgd.training.loop import open_datasets
 
 
 def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:

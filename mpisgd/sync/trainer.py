@@ -16,17 +16,28 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint as ckpt
-from ..backend import select_device
-from ..comm import Communicator
-from ..config import TrainConfig
-from ..distributed import DistributedOptimizer, NonFiniteGradientError, broadcast_parameters, global_mean
-from ..errors import ConfigError
-from ..metrics import MetricsWriter
-from ..models import build_model
-from ..optim import LARS, MomentumCorrectedScheduler, linear_scaling_factor, make_scheduler, scaled_lr
-from ..optim import split_decay_groups
-from .common import evaluate, open_datasets
+from mpisgd import checkpoint as ckpt
+from mpisgd.arrays import select_device
+from mpisgd.comm import Communicator
+from mpisgd.errors import ConfigError
+from mpisgd.metrics import MetricsWriter
+from mpisgd.models import build_model
+from mpisgd.optim import (
+    LARS,
+    MomentumCorrectedScheduler,
+    linear_scaling_factor,
+    make_scheduler,
+    scaled_lr,
+    split_decay_groups,
+)
+from mpisgd.sync.optimizer import (
+    DistributedOptimizer,
+    NonFiniteGradientError,
+    broadcast_parameters,
+    global_mean,
+)
+from mpisgd.training.config import TrainConfig
+from mpisgd.training.loop import evaluate, open_datasets
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
