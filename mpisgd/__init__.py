@@ -9,7 +9,8 @@ the communication names load mpi4py on first use, so MPI-free parts (optim, data
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mpisgd import _deprecated
 from mpisgd.errors import CommError, ConfigError, MpisgdError

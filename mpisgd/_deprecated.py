@@ -11,8 +11,9 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Optional
 
 OLD_TO_NEW = {
     "mpisgd.backend": "mpisgd.arrays",

@@ -12,7 +12,8 @@ import json
 import re
 import statistics
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 from mpi4py import MPI

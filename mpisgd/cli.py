@@ -15,7 +15,8 @@ import argparse
 import socket
 import sys
 import traceback
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 from mpisgd import __version__
 from mpisgd.errors import ConfigError, MpisgdError

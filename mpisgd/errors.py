@@ -1,13 +1,38 @@
-"""Exception types: one base class so callers can catch everything mpisgd raises on purpose."""
+"""Exception types: one base class so callers can catch everything mpisgd raises on purpose.
+
+``every_rank`` is declared here, per class: True where every rank of the job raises the same error
+together (the CLI then prints it on each rank and exits without aborting the job); False where only
+the rank that saw the problem raises (the CLI then aborts the job, so no rank waits for it).
+"""
 
 
 class MpisgdError(Exception):
     """Base class of every error mpisgd raises deliberately."""
+
+    every_rank = False
 
 
 class ConfigError(MpisgdError, ValueError):
     """Invalid user input: a flag, a config value, a data file. The CLI exits with code 2."""
 
 
+class SharedConfigError(ConfigError):
+    """Invalid input that every rank found together (the ranks agreed on it before raising)."""
+
+    every_rank = True
+
+
 class CommError(MpisgdError, RuntimeError):
-    """A communication failed or ranks disagreed about a collective; raised on every rank together."""
+    """A communication failed or ranks disagreed about a collective."""
+
+
+class CollectiveMismatchError(CommError):
+    """The ranks called a collective with different arguments; detected and raised on every rank."""
+
+    every_rank = True
+
+
+class JobFailedError(MpisgdError, RuntimeError):
+    """A failure one rank saw and told every other rank about; raised on every rank with the same text."""
+
+    every_rank = True

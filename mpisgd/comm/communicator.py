@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -191,7 +192,7 @@ class Communicator:
         self._mpi = self._local = self._cross = None
         self._workspace.clear()
 
-    def __enter__(self) -> "Communicator":
+    def __enter__(self) -> Communicator:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 

@@ -59,7 +59,7 @@ class Roles:
     coordinator: Optional[int] = None
 
     @classmethod
-    def assign(cls, world_size: int, num_servers: int, *, with_coordinator: bool = False) -> "Roles":
+    def assign(cls, world_size: int, num_servers: int, *, with_coordinator: bool = False) -> Roles:
         """Split ``world_size`` ranks; a clear ConfigError when there are too few for the roles."""
         extra = 1 if with_coordinator else 0
         if num_servers < 1:
