@@ -67,7 +67,7 @@ def main() -> int:
             for name in names:
                 for _ in range(args.settle):
                     methods[name](tensor)
-                this_round[name] = time_calls(comm, lambda: methods[name](tensor), per_round)
+                this_round[name] = time_calls(comm, lambda call=methods[name], data=tensor: call(data), per_round)
                 times[name] += this_round[name]
             gloo_time, auto_time = (statistics.median(this_round[k]) for k in ("gloo", "mpisgd auto"))
             paired.append(gloo_time / auto_time)

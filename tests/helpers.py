@@ -40,5 +40,5 @@ def run_mpi(nprocs: int, args: list[str], *, timeout: float, env: dict | None = 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, _ = proc.communicate()
-        raise AssertionError(f"mpiexec -n {nprocs} {' '.join(args)} hung for {timeout}s; output:\n{out}")
+        raise AssertionError(f"mpiexec -n {nprocs} {' '.join(args)} hung for {timeout}s; output:\n{out}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
