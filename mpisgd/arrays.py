@@ -10,16 +10,17 @@ site live here once:
   MPI has no standard half type);
 * non-contiguous or half-precision input -> a contiguous copy that is written back afterwards;
 * GPU input -> synchronize the producing stream (mpi4py cannot), then either hand the device
-  buffer to CUDA-aware MPI or stage it through host memory when MPI is not CUDA-aware.
+  buffer to CUDA-aware MPI or stage it through host memory when MPI is not CUDA-aware (whether it
+  is, :mod:`mpisgd.devices` decides);
+* copies between arrays and the flat buffers of fused buckets (:mod:`mpisgd.comm.fusion` groups
+  and cuts them).
 """
 
 from __future__ import annotations
 
-import ctypes
+import importlib
 import math
-import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -30,7 +31,7 @@ from mpisgd.errors import ConfigError
 try:  # torch is a dependency, but keep `mpisgd info` usable if it is broken
     import torch
 except ImportError:  # pragma: no cover - exercised only without torch
-    torch = None
+    torch = None  # type: ignore[assignment]
 
 try:
     import cupy
@@ -99,88 +100,6 @@ def check_dtype(x: Any) -> str:
     return name
 
 
-# --------------------------------------------------------------------------------------------
-# CUDA-aware MPI detection
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CudaAwareness:
-    """Whether device buffers may be passed to MPI, and how that was decided."""
-
-    cuda_aware: bool
-    how: str
-
-
-def _loaded_mpi_library() -> Optional[str]:
-    """Path of the libmpi that mpi4py loaded, read from this process's memory map."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                base = os.path.basename(path)
-                if base.startswith(("libmpi.so", "libmpi_", "libmpich")):
-                    return path
-    except OSError:
-        pass
-    return None
-
-
-def _query_symbols(lib_path: Optional[str]) -> Optional[CudaAwareness]:
-    """Ask the MPI library itself through its extension symbols (MPICH and Open MPI)."""
-    handles = []
-    if lib_path:
-        try:
-            handles.append(ctypes.CDLL(lib_path, mode=ctypes.RTLD_GLOBAL))
-        except OSError:
-            pass
-    handles.append(ctypes.CDLL(None))
-    for lib in handles:
-        query = getattr(lib, "MPIX_GPU_query_support", None)  # MPICH >= 4
-        if query is not None:
-            supported = ctypes.c_int(0)
-            mpix_gpu_support_cuda = 0
-            if query(mpix_gpu_support_cuda, ctypes.byref(supported)) == 0:
-                return CudaAwareness(bool(supported.value),
-                                     f"MPIX_GPU_query_support(CUDA) returned {supported.value}")
-        query = getattr(lib, "MPIX_Query_cuda_support", None)  # Open MPI
-        if query is not None:
-            value = int(query())
-            return CudaAwareness(bool(value), f"MPIX_Query_cuda_support() returned {value}")
-    return None
-
-
-def _query_alloc_kinds() -> Optional[CudaAwareness]:
-    """MPI 4.1: the info key mpi_memory_alloc_kinds lists 'cuda' when device memory is supported."""
-    try:
-        info = MPI.COMM_WORLD.Get_info()
-        kinds = info.Get("mpi_memory_alloc_kinds")
-        info.Free()
-    except (MPI.Exception, AttributeError, NotImplementedError):
-        return None
-    if not kinds:
-        return None
-    return CudaAwareness("cuda" in kinds, f"mpi_memory_alloc_kinds = {kinds!r}")
-
-
-@lru_cache(maxsize=1)
-def cuda_awareness() -> CudaAwareness:
-    """Decide once per process whether MPI takes CUDA buffers.
-
-    Order: the explicit override ``MPISGD_CUDA_AWARE=0|1``, then the MPI library's own query
-    symbols, then the MPI-4.1 info key; when none answers, assume not CUDA-aware (staging is
-    always correct, passing device pointers to a host-only MPI crashes).
-    """
-    override = os.environ.get("MPISGD_CUDA_AWARE")
-    if override is not None:
-        if override not in ("0", "1"):
-            raise ConfigError(f"MPISGD_CUDA_AWARE must be 0 or 1, got {override!r}")
-        return CudaAwareness(override == "1", f"MPISGD_CUDA_AWARE={override}")
-    for answer in (_query_symbols(_loaded_mpi_library()), _query_alloc_kinds()):
-        if answer is not None:
-            return answer
-    return CudaAwareness(False, "no query answered; assuming host-only MPI")
-
-
 def available_backends() -> dict:
     """Array libraries importable here, with versions and GPU availability."""
     found = {"numpy": np.__version__}
@@ -208,24 +127,6 @@ def gpu_count() -> int:
         except Exception:
             return 0
     return 0
-
-
-def select_device(local_rank: int, local_size: int, *, want_gpu: bool, share_gpus: bool = False) -> str:
-    """The device of a rank: one GPU per node-local rank, or 'cpu'.
-
-    Mapping by node-local rank (from MPI's shared-memory split) is what keeps two ranks of one node
-    off the same GPU; more ranks per node than GPUs is an error unless sharing is asked for.
-    """
-    if not want_gpu:
-        return "cpu"
-    gpus = gpu_count()
-    if gpus == 0:
-        raise ConfigError("GPU mode was requested but no CUDA device is visible on this node")
-    if local_size > gpus and not share_gpus:
-        raise ConfigError(
-            f"{local_size} ranks on this node but only {gpus} GPU(s); launch at most {gpus} ranks per "
-            "node or allow sharing (--share-gpus)")
-    return f"cuda:{local_rank % gpus}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +167,8 @@ class TorchDeviceOps:
         return torch.empty(n, dtype=getattr(torch, dtype), device=self.device)
 
     def reduce_(self, dst, src, op: str) -> None:
-        {"sum": torch.add, "mean": torch.add, "max": torch.maximum, "min": torch.minimum}[op](
-            dst, src, out=dst)
+        reduce: Any = {"sum": torch.add, "mean": torch.add, "max": torch.maximum, "min": torch.minimum}[op]
+        reduce(dst, src, out=dst)
         torch.cuda.current_stream(self.device).synchronize()
 
     def divide_(self, buf, divisor: int) -> None:
@@ -382,15 +283,14 @@ def _device_staged_work(x) -> WorkBuffer:
 def _device_direct_work(x) -> WorkBuffer:
     """MPI is CUDA-aware: the device memory itself is the work buffer (copied only if needed)."""
     half = dtype_name(x) in HALF_DTYPES
+    ops = device_ops(x)
     if array_kind(x) == "cupy":
-        ops = CupyOps()
         flat = x.astype(cupy.float32).reshape(-1) if half else cupy.ascontiguousarray(x).reshape(-1)
         needs_copy = half or not x.flags.c_contiguous
 
         def write_back():
             x[...] = flat.reshape(x.shape).astype(x.dtype)
     else:
-        ops = TorchDeviceOps(x.device)
         flat = x.detach().to(torch.float32).reshape(-1) if half else x.detach().contiguous().reshape(-1)
         needs_copy = half or not x.is_contiguous()
 
@@ -411,7 +311,7 @@ def work_buffer(x: Any, *, writable: bool = True) -> WorkBuffer:
     if kind == "torch" and not x.is_cuda:
         return _torch_host_work(x)
     synchronize(x)
-    if cuda_awareness().cuda_aware:
+    if _cuda_aware():
         return _device_direct_work(x)
     return _device_staged_work(x)
 
@@ -431,10 +331,10 @@ def numel(x: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Fusion: many arrays -> flat buffers, one collective per bucket
+# Fused buckets: arrays <-> flat buffers
 # --------------------------------------------------------------------------------------------
 
-def _copy_into_flat(dst, arr) -> None:
+def copy_into_flat(dst, arr) -> None:
     """dst (a 1-D slice of a fusion buffer, numpy or device) <- arr flattened, cast if needed."""
     src_kind = array_kind(arr)
     if isinstance(dst, np.ndarray):
@@ -450,7 +350,7 @@ def _copy_into_flat(dst, arr) -> None:
         dst[...] = arr.reshape(-1)
 
 
-def _copy_from_flat(arr, src, divisor: int = 1) -> None:
+def copy_from_flat(arr, src, divisor: int = 1) -> None:
     """arr <- src / divisor (src a 1-D slice of a fusion buffer), reshaped and cast back to arr's
     dtype. Dividing while copying saves the separate pass over the buffer that op="mean" needs."""
     kind = array_kind(arr)
@@ -472,66 +372,34 @@ def _copy_from_flat(arr, src, divisor: int = 1) -> None:
         cupy.divide(cupy.asarray(src).reshape(arr.shape), divisor, out=arr, casting="unsafe")
 
 
-@dataclass
-class FusionBucket:
-    """Arrays of one kind/device/dtype that travel together in one flat buffer."""
-
-    arrays: list
-    ops: Any
-    dtype: str  # dtype of the flat buffer (float32 for half precision input)
-
-    @property
-    def numel(self) -> int:
-        return sum(numel(a) for a in self.arrays)
-
-    def pack(self, flat) -> None:
-        offset = 0
-        for arr in self.arrays:
-            k = numel(arr)
-            _copy_into_flat(flat[offset:offset + k], arr)
-            offset += k
-        if self.ops is not HOST_OPS:
-            synchronize(flat)
-
-    def unpack(self, flat, divisor: int = 1) -> None:
-        offset = 0
-        for arr in self.arrays:
-            k = numel(arr)
-            _copy_from_flat(arr, flat[offset:offset + k], divisor)
-            offset += k
+def reduction_dtype(name: str) -> str:
+    """The dtype a buffer of dtype ``name`` is reduced in (float32 for half precision)."""
+    return "float32" if name in HALF_DTYPES else name
 
 
-def _fusion_target(x) -> tuple:
-    """(ops, flat dtype) of the fusion buffer for arrays like ``x``."""
-    name = dtype_name(x)
-    flat_dtype = "float32" if name in HALF_DTYPES else name
-    if is_device_array(x) and cuda_awareness().cuda_aware:
-        ops = CupyOps() if array_kind(x) == "cupy" else TorchDeviceOps(x.device)
-        return ops, flat_dtype
-    return HOST_OPS, flat_dtype
+def placement(x: Any) -> tuple:
+    """(kind, device) of an array: arrays fused together must share both."""
+    kind = array_kind(x)
+    return kind, str(x.device) if kind == "torch" else kind
 
 
-def fusion_buckets(arrays: list, bucket_bytes: int, *, host_bucket_bytes: Optional[int] = None) -> list:
-    """Group arrays by (kind, device, dtype) in first-seen order and cut each group into buckets of
-    at most ``bucket_bytes`` (``host_bucket_bytes`` for groups reduced in host memory, if given); an
-    array larger than that gets a bucket of its own."""
-    groups: dict = {}
-    for arr in arrays:
-        device = str(arr.device) if array_kind(arr) == "torch" else array_kind(arr)
-        groups.setdefault((array_kind(arr), device, dtype_name(arr)), []).append(arr)
-    buckets = []
-    for members in groups.values():
-        ops, flat_dtype = _fusion_target(members[0])
-        limit = host_bucket_bytes if host_bucket_bytes is not None and ops is HOST_OPS else bucket_bytes
-        itemsize = np.dtype(flat_dtype).itemsize
-        current, current_bytes = [], 0
-        for arr in members:
-            size = numel(arr) * itemsize
-            if current and current_bytes + size > limit:
-                buckets.append(FusionBucket(current, ops, flat_dtype))
-                current, current_bytes = [], 0
-            current.append(arr)
-            current_bytes += size
-        if current:
-            buckets.append(FusionBucket(current, ops, flat_dtype))
-    return buckets
+def device_ops(x: Any):
+    """The operations on work buffers in the device memory of ``x`` (for CUDA-aware MPI)."""
+    return CupyOps() if array_kind(x) == "cupy" else TorchDeviceOps(x.device)
+
+
+def _cuda_aware() -> bool:
+    """Whether MPI takes device memory: :mod:`mpisgd.devices` builds on this module (GPU counts), so it is
+    asked at call time, for device arrays only."""
+    return importlib.import_module("mpisgd.devices").cuda_awareness().cuda_aware
+
+
+#: names that moved out of this module; ``mpisgd.arrays.X`` (and ``mpisgd.backend.X``) still finds them
+_MOVED = {"CudaAwareness": "mpisgd.devices", "cuda_awareness": "mpisgd.devices", "select_device": "mpisgd.devices",
+          "FusionBucket": "mpisgd.comm.fusion", "fusion_buckets": "mpisgd.comm.fusion"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

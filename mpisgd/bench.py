@@ -1,8 +1,8 @@
 """`mpisgd bench allreduce`: OSU-style side-by-side timing of the all-reduce algorithms.
 
 For each message size, every algorithm runs in the same interleaved rounds, the order rotating from
-round to round (so machine noise hits all of them alike): warm-up calls, then timed calls each preceded by a barrier. A call's time is
-the slowest rank's; the reported time is the median over calls. Bus bandwidth follows nccl-tests:
+round to round (so machine noise hits all of them alike): warm-up calls, then timed calls each preceded
+by a barrier. A call's time is the slowest rank's; the reported time is the median over calls. Bus bandwidth follows nccl-tests:
 bytes / time · 2(p−1)/p, the rate each link must sustain.
 """
 
@@ -13,6 +13,7 @@ import re
 import statistics
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -91,7 +92,7 @@ def bench_allreduce(comm: Communicator, sizes: Sequence[int], algorithms: Sequen
     for nbytes in sizes:
         data = np.zeros(max(nbytes // itemsize, 1), dtype=dtype)  # stays finite however often summed
         iters = iterations or iterations_for(nbytes)
-        times = {name: [] for name in algorithms}
+        times: dict[str, list[float]] = {name: [] for name in algorithms}
         for _ in range(warmup):
             for name in algorithms:
                 unchecked.allreduce_(data, algorithm=name)
@@ -100,11 +101,11 @@ def bench_allreduce(comm: Communicator, sizes: Sequence[int], algorithms: Sequen
         rounds = max(len(algorithms), iters // 5)
         for round_number in range(rounds):
             shift = round_number % len(algorithms)
-            for name in algorithms[shift:] + algorithms[:shift]:
-                times[name] += time_calls(unchecked, lambda: unchecked.allreduce_(data, algorithm=name),
+            for name in [*algorithms[shift:], *algorithms[:shift]]:
+                times[name] += time_calls(unchecked, partial(unchecked.allreduce_, data, algorithm=name),
                                           max(1, iters // rounds))
         check_time = statistics.median(time_calls(
-            checked, lambda: checked.check_agreement("allreduce", shape=data.shape), 20))
+            checked, partial(checked.check_agreement, "allreduce", shape=data.shape), 20))
         native = statistics.median(times["native"]) if "native" in times else None
         p = comm.size
         for name in algorithms:

@@ -1,4 +1,4 @@
-"""Communication: the library-owned communicator, the all-reduce algorithms, and fusion."""
+"""Communication: the library-owned communicator, auto's policy, the all-reduce algorithms, and fusion."""
 
 from mpisgd.comm.algorithms import ALGORITHMS, block_bounds
 from mpisgd.comm.communicator import ALGORITHM_NAMES, OPS, AllreduceConfig, Communicator, get_communicator

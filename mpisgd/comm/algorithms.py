@@ -22,15 +22,28 @@ in the allgather, so replicas of a synchronous job cannot drift apart.
   fold, which makes it the better choice at large sizes for p that are not powers of two.
 * ``native``: the MPI library's own MPI_Allreduce (best for small messages, where every Python-level
   step costs microseconds).
+* ``shm`` and ``hier``: through the node's shared-memory window (:mod:`mpisgd.comm.shm`); ``hier`` then
+  reduces each node's sum across nodes with the point-to-point algorithms above.
+
+All five are registered alike in :data:`ALGORITHMS` (name -> :class:`AllreduceAlgorithm`); the
+communicator runs whichever the caller or :mod:`mpisgd.comm.policy` names.
 """
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mpi4py import MPI
 
+from mpisgd import arrays
 from mpisgd.arrays import MPI_OPS
+from mpisgd.comm.policy import HIER, NATIVE, RHD, RING, SHM, large_message_algorithm
+from mpisgd.comm.wait import Backoff, wait_until
+from mpisgd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mpisgd.comm.communicator import Communicator
+    from mpisgd.comm.fusion import FusionBucket
 
 _TAG_FOLD = 7101
 _TAG_RHD = 7102
@@ -51,13 +64,16 @@ def exchange(comm: MPI.Comm, ops, send, dest: int, recv, source: int, tag: int, 
     wait_requests(requests, polite)
 
 
+#: polite waits only yield the CPU: a sleep's granularity would cost more than the message
+_YIELDING = Backoff(spin=True)
+
+
 def wait_requests(requests: list, polite: bool) -> None:
     """Waitall; ``polite``: by testing and yielding the CPU (see ``exchange``)."""
     if not polite:
         MPI.Request.Waitall(requests)
         return
-    while not MPI.Request.Testall(requests):
-        os.sched_yield()
+    wait_until(lambda: MPI.Request.Testall(requests), what="MPI requests", backoff=_YIELDING)
 
 
 def segments(length: int, segment: int) -> list[tuple[int, int]]:
@@ -200,4 +216,116 @@ def allreduce_ring(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool =
                  polite=polite)
 
 
-ALGORITHMS = {"rhd": allreduce_rhd, "ring": allreduce_ring, "native": allreduce_native}
+# ---- the registry ---------------------------------------------------------------------------
+
+class AllreduceAlgorithm:
+    """One all-reduce algorithm, run in place on a flat work buffer of ``comm`` (an mpisgd Communicator).
+
+    ``packs_buckets``: fused host buckets can be packed straight into its input (the shared window).
+    """
+
+    name = ""
+    packs_buckets = False
+
+    def refusal(self, comm: Communicator, ops: Any) -> Optional[str]:
+        """Why this algorithm cannot reduce ``ops``' buffers on ``comm`` (None: it can)."""
+        return None
+
+    def check(self, comm: Communicator, ops: Any) -> None:
+        """A ConfigError, the same on every rank, when :meth:`refusal` has a reason."""
+        reason = self.refusal(comm, ops)
+        if reason:
+            raise ConfigError(reason)
+
+    def allreduce_(self, comm: Communicator, flat: Any, ops: Any, op: str) -> None:
+        raise NotImplementedError
+
+    def reduce_bucket_(self, comm: Communicator, bucket: FusionBucket, op: str, divisor: int) -> None:
+        """Reduce a fused bucket (only where ``packs_buckets``)."""
+        raise NotImplementedError
+
+
+class PointToPoint(AllreduceAlgorithm):
+    """rhd, ring and native: functions of (MPI comm, buf, scratch, ops, op, polite=, segment=)."""
+
+    def __init__(self, name: str, function: Callable[..., None], *, scratch: bool = True) -> None:
+        self.name, self.function, self.scratch = name, function, scratch
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """The function itself, as ``ALGORITHMS[name](comm, buf, scratch, ops, op)`` was called before."""
+        self.function(*args, **kwargs)
+
+    def allreduce_(self, comm: Communicator, flat: Any, ops: Any, op: str) -> None:
+        run_point_to_point(self, comm, comm.mpi, flat, ops, op, "scratch")
+
+
+def run_point_to_point(algorithm: PointToPoint, comm: Communicator, over: MPI.Comm, flat: Any, ops: Any, op: str,
+                       role: str) -> None:
+    """Run ``algorithm`` over ``over`` (the communicator's MPI comm, or its cross-node one) with scratch
+    from ``comm``'s workspace under ``role``."""
+    scratch = comm.scratch(ops, arrays.dtype_name(flat), len(flat), role) if algorithm.scratch else None
+    algorithm.function(over, flat, scratch, ops, op, polite=comm.polite, segment=comm.segment_elements(ops, flat))
+
+
+class SharedWindow(AllreduceAlgorithm):
+    """``shm``: every rank of one node through the shared window."""
+
+    name = SHM
+    packs_buckets = True
+
+    def refusal(self, comm: Communicator, ops: Any) -> Optional[str]:
+        if ops is not arrays.HOST_OPS:
+            return (f"algorithm {self.name!r} reduces host memory; GPU buffers with CUDA-aware MPI "
+                    "need rhd, ring or native")
+        if not comm.single_node:
+            return (f"algorithm 'shm' needs every rank on one node; this communicator spans "
+                    f"{comm.num_nodes} nodes (use 'hier')")
+        return None
+
+    def across(self, comm: Communicator, op: str) -> Optional[Callable[[Any], None]]:
+        return None
+
+    def allreduce_(self, comm: Communicator, flat: Any, ops: Any, op: str) -> None:
+        window = comm.shared_window()
+        assert window is not None  # required: raises rather than returning None
+        window.allreduce_(flat, op, self.across(comm, op))
+
+    def reduce_bucket_(self, comm: Communicator, bucket: FusionBucket, op: str, divisor: int) -> None:
+        window = comm.shared_window()  # packed straight into this rank's slot, unpacked from the shared result
+        assert window is not None  # required: raises rather than returning None
+        bucket.pack(window.slot(bucket.numel, bucket.dtype))
+        bucket.unpack(window.reduce(bucket.numel, bucket.dtype, op, self.across(comm, op)), divisor)
+
+
+class Hierarchical(SharedWindow):
+    """``hier``: each node through its window, then each block of the node's sum across nodes."""
+
+    name = HIER
+
+    def refusal(self, comm: Communicator, ops: Any) -> Optional[str]:
+        if ops is not arrays.HOST_OPS:
+            return super().refusal(comm, ops)
+        if not comm.uniform_nodes:
+            return "algorithm 'hier' needs the same number of ranks on every node"
+        return None
+
+    def across(self, comm: Communicator, op: str) -> Optional[Callable[[Any], None]]:
+        """All-reduce one block of this node's sum with the same block of the other nodes."""
+        cross = comm.cross_nodes
+        if cross.Get_size() == 1:
+            return None
+
+        def reduce_block(block: Any) -> None:
+            if not len(block):  # the same on every rank of ``cross``: the same n and node size
+                return
+            name = NATIVE if block.nbytes < comm.native_below_bytes else large_message_algorithm(
+                cross.Get_size(), comm.config.non_power_of_two)
+            algorithm = ALGORITHMS[name]
+            assert isinstance(algorithm, PointToPoint)
+            run_point_to_point(algorithm, comm, cross, block, arrays.HOST_OPS, op, "cross")
+        return reduce_block
+
+
+ALGORITHMS: dict[str, AllreduceAlgorithm] = {algorithm.name: algorithm for algorithm in (
+    PointToPoint(RHD, allreduce_rhd), PointToPoint(RING, allreduce_ring),
+    PointToPoint(NATIVE, allreduce_native, scratch=False), SharedWindow(), Hierarchical())}

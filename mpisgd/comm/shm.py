@@ -26,6 +26,7 @@ carries each node's vector once, split over all its ranks, instead of every rank
 from __future__ import annotations
 
 import os
+from typing import Any, cast
 
 import numpy as np
 from mpi4py import MPI
@@ -59,8 +60,9 @@ class SharedMemoryAllreduce:
                             f"{room >> 20} MiB are; lower MPISGD_SHM_AREA_BYTES or use another algorithm")
         windows, error = [], None
         try:
-            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=comm))
-            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=comm))
+            node = cast(MPI.Intracomm, comm)  # a shared-memory split: an intracommunicator
+            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=node))
+            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=node))
         except MPI.Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         errors = [e for e in comm.allgather(error) if e]
@@ -71,14 +73,19 @@ class SharedMemoryAllreduce:
         self.slots_win, self.result_win = windows
         for win in windows:
             win.Lock_all(MPI.MODE_NOCHECK)
-        self._memory = [self.slots_win.Shared_query(q)[0] for q in range(self.size)]
-        self._result_memory = self.result_win.Shared_query(0)[0]
+        self._memory: list[Any] = [self.slots_win.Shared_query(q)[0] for q in range(self.size)]
+        self._result_memory: Any = self.result_win.Shared_query(0)[0]
         self._calls = 0
         self._views: dict = {}
 
     def capacity(self, dtype: str) -> int:
         """Most elements of ``dtype`` one call can reduce without copying through chunks."""
-        return self.area_bytes // np.dtype(dtype).itemsize
+        return self.capacity_of(self.area_bytes, dtype)
+
+    @staticmethod
+    def capacity_of(area_bytes: int, dtype: str) -> int:
+        """:meth:`capacity` of a window of ``area_bytes`` per slot, before it exists."""
+        return (area_bytes - area_bytes % 8) // np.dtype(dtype).itemsize
 
     def _area(self, dtype: str) -> tuple:
         """(slots of every rank, result) of the area the next call uses, as ``dtype`` arrays."""

@@ -13,6 +13,8 @@ from mpi4py import MPI
 
 import mpisgd
 from mpisgd import CommError, ConfigError
+from mpisgd.comm import policy
+from mpisgd.comm.algorithms import ALGORITHMS as ALGORITHM_REGISTRY
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
@@ -162,17 +164,35 @@ def test_shared_memory_takes_long_vectors_in_pieces_and_cuts_fused_buckets_to_it
     comm.free()
 
 
-@pytest.mark.skipif(not ONE_NODE, reason="the defaults for one node")
-def test_auto_sends_single_vectors_through_the_window_only_for_process_counts_not_a_power_of_two():
-    """By default (no MPISGD_* override): MPICH's own Rabenseifner beat shm at 2, 4 and 8 ranks up to
-    4 MiB, while at 3, 5 and 6 ranks, where it folds and idles ranks, shm won (BENCHMARKS.md)."""
+def test_auto_runs_what_the_policy_table_says_at_this_process_count(monkeypatch):
+    """The communicator asks the table with its own layout, and runs the algorithm the table names:
+    sizes on both sides of every threshold of the table (no numbers pinned here)."""
     comm = mpisgd.Communicator(config=mpisgd.AllreduceConfig(native_below_bytes=None, shm_below_bytes=None,
                                                              shared_memory=True))
-    power_of_two = P & (P - 1) == 0
-    assert comm.choose_algorithm(1 << 20) == ("native" if power_of_two else "shm")
-    assert comm.choose_algorithm(256 << 10) == "native"
-    assert comm.choose_algorithm(8 << 20) == ("native" if P == 1 else "rhd" if power_of_two else "ring")
-    assert comm.choose_algorithm(1 << 20, host=False) != "shm"  # GPU buffers under CUDA-aware MPI
+    situation = comm.situation
+    assert situation.size == P and (situation.nodes is policy.Nodes.ONE) == ONE_NODE
+    assert situation.library is policy.detect_library(MPI.Get_library_version())
+    limits = {situation.bytes_of(band.below) for rule in policy.RULES for band in rule.bands if band.below}
+    sizes = sorted({4, *(n + d for n in limits for d in (-4, 0) if n + d > 0)})
+    ran = []
+    for name, algorithm in ALGORITHM_REGISTRY.items():
+        monkeypatch.setattr(algorithm, "allreduce_", lambda *args, name=name, run=algorithm.allreduce_:
+                            (ran.append(name), run(*args))[1])
+    for nbytes in sizes:
+        expected = policy.choose(situation, policy.Request(nbytes))
+        assert comm.choose_algorithm(nbytes) == expected
+        assert comm.choose_algorithm(nbytes, host=False) == policy.choose(situation, policy.Request(nbytes, False))
+        ran.clear()
+        x = rank_data(nbytes // 4, "float32", salt=nbytes % 97)
+        np.testing.assert_allclose(comm.allreduce(x), reference(x, "sum"), rtol=1e-5 * P, atol=1e-5 * P)
+        assert ran == [expected], (nbytes, ran)
+    # what was measured, whatever the thresholds: one rank never leaves MPI's own, GPU buffers never use
+    # the window, single vectors never go through it for power-of-two counts
+    chosen = {comm.choose_algorithm(n) for n in sizes}
+    assert chosen == {"native"} if P == 1 else "native" in chosen
+    assert not {comm.choose_algorithm(n, host=False) for n in sizes} & {"shm", "hier"}
+    if P & (P - 1) == 0:
+        assert "shm" not in chosen
     comm.free()
 
 

@@ -12,7 +12,7 @@ import torch
 from mpi4py import MPI
 
 import mpisgd
-from mpisgd import arrays as backend
+from mpisgd import devices
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
@@ -23,13 +23,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @pytest.fixture(params=["staged", "cuda-aware"])
 def mpi_mode(request, monkeypatch):
     """Force host staging, or trust the detected/overridden CUDA-awareness."""
-    backend.cuda_awareness.cache_clear()
+    devices.cuda_awareness.cache_clear()
     if request.param == "staged":
         monkeypatch.setenv("MPISGD_CUDA_AWARE", "0")
-    elif not backend.cuda_awareness().cuda_aware and os.environ.get("MPISGD_CUDA_AWARE") != "1":
-        pytest.skip(f"MPI is not CUDA-aware here ({backend.cuda_awareness().how})")
+    elif not devices.cuda_awareness().cuda_aware and os.environ.get("MPISGD_CUDA_AWARE") != "1":
+        pytest.skip(f"MPI is not CUDA-aware here ({devices.cuda_awareness().how})")
     yield request.param
-    backend.cuda_awareness.cache_clear()
+    devices.cuda_awareness.cache_clear()
 
 
 def host_reference(values: np.ndarray) -> np.ndarray:
@@ -42,7 +42,7 @@ def host_reference(values: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("algorithm", ["rhd", "ring", "native", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_torch_cuda_allreduce(mpi_mode, algorithm, dtype):
-    device = backend.select_device(mpisgd.get_communicator().local_rank, mpisgd.get_communicator().local_size,
+    device = devices.select_device(mpisgd.get_communicator().local_rank, mpisgd.get_communicator().local_size,
                                    want_gpu=True, share_gpus=True)
     values = np.random.default_rng(RANK).standard_normal(1001)
     t = torch.tensor(values, dtype=dtype, device=device)

@@ -1,10 +1,13 @@
 """Single-process logic of the communication layer (no mpiexec needed)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from mpisgd import arrays as backend
+from mpisgd import devices
 from mpisgd.bench import parse_size, parse_sizes
 from mpisgd.comm import AllreduceConfig, block_bounds
 from mpisgd.comm.algorithms import segments
@@ -56,20 +59,47 @@ def test_allreduce_config_validation(monkeypatch):
 
 
 def test_cuda_aware_override(monkeypatch):
-    backend.cuda_awareness.cache_clear()
+    devices.cuda_awareness.cache_clear()
     try:
         monkeypatch.setenv("MPISGD_CUDA_AWARE", "1")
-        assert backend.cuda_awareness() == backend.CudaAwareness(True, "MPISGD_CUDA_AWARE=1")
-        backend.cuda_awareness.cache_clear()
+        assert devices.cuda_awareness() == devices.CudaAwareness(True, "MPISGD_CUDA_AWARE=1")
+        devices.cuda_awareness.cache_clear()
+        monkeypatch.setenv("MPISGD_CUDA_AWARE", "0")
+        assert devices.cuda_awareness() == devices.CudaAwareness(False, "MPISGD_CUDA_AWARE=0")
+        devices.cuda_awareness.cache_clear()
         monkeypatch.setenv("MPISGD_CUDA_AWARE", "yes")
         with pytest.raises(ConfigError, match="0 or 1"):
-            backend.cuda_awareness()
-        backend.cuda_awareness.cache_clear()
+            devices.cuda_awareness()
+        devices.cuda_awareness.cache_clear()
         monkeypatch.delenv("MPISGD_CUDA_AWARE")
-        answer = backend.cuda_awareness()  # asks the loaded MPI library itself
-        assert answer.how and isinstance(answer.cuda_aware, bool)
+        answer = devices.cuda_awareness()  # asks the loaded MPI library itself
+        # the answer says which query decided, and agrees with the value that query returned
+        returned = re.fullmatch(r"MPIX_(?:GPU_query_support\(CUDA\)|Query_cuda_support\(\)) returned (-?\d+)", answer.how)
+        kinds = re.fullmatch(r"mpi_memory_alloc_kinds = '(.*)'", answer.how)
+        if returned:
+            assert answer.cuda_aware is (int(returned.group(1)) != 0)
+        elif kinds:
+            assert answer.cuda_aware is ("cuda" in kinds.group(1))
+        else:
+            assert answer == devices.NO_ANSWER
     finally:
-        backend.cuda_awareness.cache_clear()
+        devices.cuda_awareness.cache_clear()
+
+
+def test_cuda_awareness_asks_the_library_then_the_info_key_then_assumes_host_only(monkeypatch):
+    monkeypatch.delenv("MPISGD_CUDA_AWARE", raising=False)
+    by_symbol = devices.CudaAwareness(True, "symbol")
+    by_info = devices.CudaAwareness(True, "info key")
+    cases = [(by_symbol, by_info, by_symbol), (None, by_info, by_info), (None, None, devices.NO_ANSWER)]
+    try:
+        for symbols, info, expected in cases:
+            devices.cuda_awareness.cache_clear()
+            monkeypatch.setattr(devices, "_query_symbols", lambda path, answer=symbols: answer)
+            monkeypatch.setattr(devices, "_query_alloc_kinds", lambda answer=info: answer)
+            assert devices.cuda_awareness() == expected
+        assert devices.NO_ANSWER.cuda_aware is False  # staging is always correct
+    finally:
+        devices.cuda_awareness.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -90,8 +120,20 @@ def test_contiguous_inputs_are_zero_copy():
 
 
 def test_gpu_mapping_errors_without_gpu():
-    if backend.gpu_count():
+    if devices.gpu_count():
         pytest.skip("a GPU is visible; this checks the no-GPU error")
-    assert backend.select_device(0, 1, want_gpu=False) == "cpu"
+    assert devices.select_device(0, 1, want_gpu=False) == "cpu"
     with pytest.raises(ConfigError, match="no CUDA device"):
-        backend.select_device(0, 1, want_gpu=True)
+        devices.select_device(0, 1, want_gpu=True)
+
+
+def test_gpus_are_mapped_by_node_local_rank(monkeypatch):
+    monkeypatch.setattr(devices, "gpu_count", lambda: 2)
+    assert [devices.select_device(r, 2, want_gpu=True) for r in range(2)] == ["cuda:0", "cuda:1"]
+    with pytest.raises(ConfigError, match="3 ranks on this node but only 2"):
+        devices.select_device(0, 3, want_gpu=True)
+    assert devices.select_device(2, 3, want_gpu=True, share_gpus=True) == "cuda:0"
+
+
+def test_old_names_of_moved_functions_still_resolve():
+    assert backend.select_device is devices.select_device and backend.cuda_awareness is devices.cuda_awareness
