@@ -3,6 +3,9 @@
 Each subcommand has an optional ``configure(args)`` (pure: no MPI, no files that differ per rank,
 so it fails identically everywhere) and a ``handler(config)``.
 
+Every subcommand takes ``--log-level``; the library's log lines then go to stderr prefixed with the
+rank (`mpisgd.log.setup_logging`). Only this module prints.
+
 Failure policy, so that no job hangs: an error that every rank raised together (bad flags, a
 configure error, a collectively checked input) makes every rank print it and exit 2; any other exception on any rank
 prints that rank's message and traceback and aborts the whole job (MPI_Abort), because a rank that
@@ -16,10 +19,11 @@ import socket
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from mpisgd import __version__
 from mpisgd.errors import ConfigError, MpisgdError
+from mpisgd.log import LEVELS, setup_logging
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -36,7 +40,7 @@ def run_info(args: argparse.Namespace) -> int:
     """Print MPI library, thread level, ranks, node-local layout, CUDA-awareness and backends."""
     from mpi4py import MPI
 
-    from mpisgd import arrays as backend
+    from mpisgd import devices as backend
     from mpisgd.comm import get_communicator
 
     comm = get_communicator()
@@ -48,7 +52,7 @@ def run_info(args: argparse.Namespace) -> int:
         device, error = "-", exc
     comm.raise_together(error)
     rows = comm.mpi.gather((comm.rank, socket.gethostname(), comm.local_rank, comm.local_size, device), root=0)
-    if comm.rank != 0:
+    if rows is None:  # only rank 0 gathers
         return 0
     levels = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
               MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED", MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE"}
@@ -112,20 +116,20 @@ def run_bench_allreduce(args: argparse.Namespace) -> int:
 
 # ---- mpisgd train / make-data / plot --------------------------------------------------------
 
-def configure_train(args: argparse.Namespace):
+def configure_train(args: argparse.Namespace) -> Any:
     from mpisgd.training.config import train_config_from
     return train_config_from(args)
 
 
-def run_train(cfg) -> int:
+def run_train(cfg: Any) -> int:
     from mpisgd.comm import get_communicator
     from mpisgd.training.registry import run_strategy
 
     comm = get_communicator()
-    summary = run_strategy(cfg, comm)
-    accuracy = summary.get("val_accuracy")
-    _print_rank0(comm, f"mpisgd train: {cfg.strategy} finished after {summary['steps']} steps "
-                       f"({summary['stopped']}); validation accuracy "
+    result = run_strategy(cfg, comm)
+    accuracy = result.val_accuracy
+    _print_rank0(comm, f"mpisgd train: {result.strategy} finished after {result.steps} steps "
+                       f"({result.stopped}); validation accuracy "
                        f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}")
     return 0
 
@@ -184,20 +188,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _common_options() -> _Parser:
+    """The options of every subcommand."""
+    common = _Parser(add_help=False)
+    common.add_argument("--log-level", choices=LEVELS, default="info",
+                        help="least severe library messages shown, on stderr with the rank (default info)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpisgd", description="Distributed SGD over MPI. Launch with "
                      "`mpiexec -n P mpisgd ...` or `srun mpisgd ...`.")
     parser.add_argument("--version", action="version", version=f"mpisgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = [_common_options()]
 
-    info = sub.add_parser("info", help="MPI library, ranks, node-local ranks, GPU mapping, CUDA-awareness")
+    info = sub.add_parser("info", parents=common,
+                          help="MPI library, ranks, node-local ranks, GPU mapping, CUDA-awareness")
     info.add_argument("--gpu", action="store_true", help="show the rank -> GPU mapping used in GPU mode")
     info.add_argument("--share-gpus", action="store_true", help="allow more ranks per node than GPUs")
     info.set_defaults(handler=run_info)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
-    allreduce = bench_sub.add_parser("allreduce", help="time rhd, ring, shm, native and auto side by side")
+    allreduce = bench_sub.add_parser("allreduce", parents=common, help="time rhd, ring, shm, native and auto side by side")
     allreduce.add_argument("--sizes", default="4KiB,16KiB,64KiB,256KiB,1MiB,2MiB,4MiB,16MiB,64MiB",
                            help="comma list (4KiB,1MiB) or doubling range (4KiB:64MiB) of message sizes")
     allreduce.add_argument("--algorithms", default=None,
@@ -211,11 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mpisgd.training.config import add_train_arguments
 
-    train = sub.add_parser("train", help="train a model (mpiexec -n P mpisgd train --strategy sync ...)")
+    train = sub.add_parser("train", parents=common,
+                           help="train a model (mpiexec -n P mpisgd train --strategy sync ...)")
     add_train_arguments(train)
     train.set_defaults(configure=configure_train, handler=run_train)
 
-    make_data = sub.add_parser("make-data", help="write a generated classification set to HDF5")
+    make_data = sub.add_parser("make-data", parents=common, help="write a generated classification set to HDF5")
     make_data.add_argument("output", help="HDF5 file to write (datasets x and y)")
     make_data.add_argument("--samples", type=int, default=10000)
     make_data.add_argument("--features", type=int, default=64)
@@ -227,28 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 "validation file of the same problem)")
     make_data.set_defaults(configure=configure_make_data, handler=run_make_data)
 
-    plot = sub.add_parser("plot", help="plot loss and accuracy vs step and wall time from metrics files")
+    plot = sub.add_parser("plot", parents=common, help="plot loss and accuracy vs step and wall time from metrics files")
     plot.add_argument("metrics", nargs="+", help="JSONL metrics files (several runs on one figure)")
     plot.add_argument("-o", "--output", default="curves.png")
     plot.set_defaults(handler=run_plot)
-
-    for register in _extra_commands:
-        register(sub)
     return parser
 
 
-#: other modules add subcommands here (keeps the CLI free of their imports until used)
-_extra_commands: list[Callable] = []
-
-
-def _comm_world_size() -> int:
+def _world_position() -> tuple[int, int]:
+    """(rank, size) in MPI_COMM_WORLD (initializing MPI: every subcommand but plot needs it anyway)."""
     from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
+    world = MPI.COMM_WORLD
+    return world.Get_rank(), world.Get_size()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, validate (pure, identical on every rank), then run the subcommand."""
     args = build_parser().parse_args(argv)
+    rank, size = _world_position()
+    setup_logging(args.log_level, rank=rank, size=size)
     try:
         configure = getattr(args, "configure", None)
         config = configure(args) if configure else args
@@ -257,9 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         code = args.handler(config)
     except ConfigError as exc:
-        return _fail(f"mpisgd: error: {exc}", EXIT_BAD_INPUT, every_rank=getattr(exc, "every_rank", False))
+        return _fail(f"mpisgd: error: {exc}", EXIT_BAD_INPUT, every_rank=exc.every_rank)
     except MpisgdError as exc:
-        every_rank = getattr(exc, "every_rank", False)
+        every_rank = exc.every_rank
         detail = f"mpisgd: error: {exc}" if every_rank else traceback.format_exc()
         return _fail(detail, EXIT_FAILURE, every_rank=every_rank)
     except Exception:
@@ -269,11 +281,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _fail(message: str, code: int, *, every_rank: bool) -> int:
-    from mpi4py import MPI
+    from mpisgd import log
 
-    rank = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else 0
-    size = _comm_world_size()
+    rank, size = _world_position()
     prefix = f"[rank {rank}] " if size > 1 else ""
+    log.flush()
     print(prefix + message.rstrip(), file=sys.stderr, flush=True)
     if size > 1 and not every_rank:
         from mpisgd.comm.abort import abort_world

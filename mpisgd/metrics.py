@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, TextIO, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -47,7 +47,8 @@ class MetricsWriter:
             previous = read_metrics(self.path)
             times = [record["wall_time"] for record in previous if record.get("wall_time") is not None]
             self._time_offset = float(times[-1]) if times else 0.0
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (held open)
+        self._file: Optional[TextIO] = open(self.path, "a" if append else "w",  # noqa: SIM115 (held open)
+                                            encoding="utf-8")
         self._start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -167,10 +168,10 @@ def plot_metrics(paths: Iterable[PathLike], out_png: PathLike, *, title: str | N
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    paths = [Path(path) for path in paths]
-    if not paths:
+    files = [Path(path) for path in paths]
+    if not files:
         raise ValueError("plot_metrics: no metrics files given")
-    runs = [(path, read_metrics(path)) for path in paths]
+    runs = [(path, read_metrics(path)) for path in files]
     server_runs = [(path, records) for path, records in runs
                    if any(_PS_KEYS & record.keys() for record in records)]
     if server_runs:

@@ -237,7 +237,7 @@ class ShardedHDF5:
         """Read rows `indices` (any order, repeats allowed) with one hyperslab selection per dataset.
 
         Returns:
-            (x as float32 tensor of shape (len(indices), *input_shape), y as int64 tensor).
+            (x as float32 tensor of shape ``(len(indices), *input_shape)``, y as int64 tensor).
         """
         if self._file is None:
             raise RuntimeError(f"ShardedHDF5({str(self.path)!r}) is closed")

@@ -26,6 +26,7 @@ from typing import Union
 import h5py
 import numpy as np
 
+from mpisgd import environment
 from mpisgd.checkpoint import atomic_h5_file
 from mpisgd.data.hdf5 import read_arrays
 from mpisgd.errors import ConfigError
@@ -70,7 +71,7 @@ def make_classification_arrays(
     """Generate a learnable classification set in memory; see `make_classification_h5`.
 
     Returns:
-        (x float32 of shape (n_samples, n_features) or (n_samples, *image_shape), y int64).
+        (x float32 of shape (n_samples, n_features) or ``(n_samples, *image_shape)``, y int64).
     """
     if not (isinstance(n_samples, int) and n_samples > 0):
         raise ConfigError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -194,8 +195,9 @@ DEFAULT_VAL_SAMPLES = 2048
 def default_data_dir() -> Path:
     """Where `default_dataset` writes: $MPISGD_DATA_DIR, else $XDG_CACHE_HOME/mpisgd, else
     ~/.cache/mpisgd."""
-    if os.environ.get("MPISGD_DATA_DIR"):
-        return Path(os.environ["MPISGD_DATA_DIR"])
+    configured = environment.read("MPISGD_DATA_DIR")
+    if configured:
+        return Path(str(configured))
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "mpisgd"
 

@@ -180,7 +180,8 @@ class _OverlappedReduction:
             raise ConfigError("overlap=True needs MPI initialized with at least MPI_THREAD_SERIALIZED")
         self.owner = owner
         self.buckets: list = []
-        current, current_bytes = [], 0
+        current: list = []
+        current_bytes = 0
         for _, p in reversed(owner.named_parameters):
             nbytes = p.numel() * p.element_size()
             if current and current_bytes + nbytes > owner.bucket_bytes:

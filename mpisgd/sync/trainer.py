@@ -8,18 +8,17 @@ BN", as in the paper). Only rank 0 writes checkpoints and metrics.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mpisgd import checkpoint as ckpt
-from mpisgd.arrays import select_device
 from mpisgd.comm import Communicator
-from mpisgd.errors import ConfigError
+from mpisgd.devices import select_device
 from mpisgd.metrics import MetricsWriter
 from mpisgd.models import build_model
 from mpisgd.optim import (
@@ -37,7 +36,16 @@ from mpisgd.sync.optimizer import (
     global_mean,
 )
 from mpisgd.training.config import TrainConfig
-from mpisgd.training.loop import evaluate, open_datasets
+from mpisgd.training.loop import (
+    checkpoint_metadata,
+    evaluate,
+    open_datasets,
+    resume_from_checkpoint,
+    write_checkpoint,
+    write_final_model,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -66,7 +74,7 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
     lr = scaled_lr(cfg.lr, global_batch, cfg.reference_batch)
     optimizer = build_optimizer(cfg, model, lr)
     start_factor = cfg.warmup_start_factor or min(1.0, 1.0 / k)
-    scheduler = make_scheduler(optimizer, steps_per_epoch=train.num_batches, epochs=cfg.epochs,
+    scheduler: Any = make_scheduler(optimizer, steps_per_epoch=train.num_batches, epochs=cfg.epochs,
                                warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule,
                                milestones=cfg.milestones, gamma=cfg.gamma,
                                warmup_start_factor=start_factor if cfg.warmup_epochs > 0 else None)
@@ -83,16 +91,16 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
                "global_batch": global_batch, "lr": lr}
     interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
 
-    def save(tag: Optional[str] = None) -> None:
+    def save(final: bool = False) -> None:
         if cfg.checkpoint_dir and comm.rank == 0:
-            Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(cfg.checkpoint_dir) / f"{tag}.h5" if tag else ckpt.checkpoint_path(cfg.checkpoint_dir, step)
-            ckpt.save_checkpoint(path, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
-                                 scheduler_state=scheduler.state_dict(), rng_states=ckpt.capture_rng_states(),
-                                 data_position=train.state_dict(),
-                                 extra={"step": step, "strategy": "sync", "ranks": comm.size,
-                                        "model": cfg.model, "hidden": list(cfg.hidden),
-                                        "input_shape": list(data.input_shape), "num_classes": data.num_classes})
+            sections: dict[str, Any] = dict(
+                model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(), rng_states=ckpt.capture_rng_states(),
+                data_position=train.state_dict(), extra=checkpoint_metadata(cfg, comm, step, data))
+            if final:
+                write_final_model(cfg, **sections)
+            else:
+                write_checkpoint(cfg, step, **sections)
 
     try:
         while train.epoch < cfg.epochs and not _done(cfg, step):
@@ -109,7 +117,7 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
                         raise NonFiniteGradientError(f"step {step}: {exc} (use --on-nonfinite skip to skip "
                                                      "such steps)") from None
                     summary["skipped_steps"] += 1
-                    print(f"[rank {comm.rank}] step {step}: skipped, {exc}", file=sys.stderr, flush=True)
+                    logger.warning("step %d: skipped, %s", step, exc)
                 scheduler.step()
                 step += 1
                 interval_loss += float(loss.detach())
@@ -147,7 +155,7 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
             metrics.close()
     summary["steps"] = step
     save()  # resumable checkpoint of where the run stopped (rewritten atomically if it exists)
-    save("final")  # the trained model under a stable name
+    save(final=True)  # the trained model under a stable name
     return summary
 
 
@@ -155,23 +163,19 @@ def _done(cfg: TrainConfig, step: int) -> bool:
     return cfg.max_steps is not None and step >= cfg.max_steps
 
 
-def _resume(cfg, comm, model, optimizer, scheduler, train) -> int:
+def _resume(cfg: TrainConfig, comm: Communicator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, train: Any) -> int:
     """Load the latest checkpoint on every rank (same file, same state); returns its step."""
-    path = ckpt.latest_checkpoint(cfg.checkpoint_dir)
-    error = None if path else ConfigError(f"--resume: no checkpoint in {cfg.checkpoint_dir}")
-    comm.raise_together(error)
-    state = ckpt.load_checkpoint(path)
-    try:
+    def restore(state: dict) -> int:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         train.load_state_dict(state["data_position"])
-        error = None
-    except (ConfigError, RuntimeError, KeyError, ValueError) as exc:
-        error = ConfigError(f"--resume from {path}: {exc}")
-    comm.raise_together(error)
+        return int(state["extra"]["step"])
+
+    state, step = resume_from_checkpoint(cfg, comm, restore)
     ckpt.restore_rng_states(state["rng_states"])
-    return int(state["extra"]["step"])
+    return step
 
 
 def _progress_bar(cfg, comm, total: int, initial: int):

@@ -1,32 +1,81 @@
-"""Training configuration: one frozen dataclass, validated on construction.
+"""Training configuration: a common section plus one section per strategy, frozen and validated on construction.
 
-The `mpisgd train` flags are generated from the fields below (name -> --name-with-dashes, help
-from the field's metadata), so a setting is declared once. Precedence: defaults < config file
-(TOML or JSON, keys are field names) < command-line flags. Unknown keys are errors naming the key.
+Each setting is declared once, as a field of its section (help text, valid values, check, and which
+strategies read it). The `mpisgd train` flags, their argument groups and the config-file keys are
+generated from these fields (name -> --name-with-dashes). Precedence: defaults < config file (TOML or
+JSON, keys are setting names) < command-line flags. An unknown key is an error naming it; so is a
+setting given explicitly to a strategy that ignores it.
+
+Lists of valid values come from the modules that own them (all-reduce algorithms from `mpisgd.comm`,
+server rules from `mpisgd.downpour.rules`, schedules from `mpisgd.sync.schedule`, strategies from
+`mpisgd.training.registry`); they are imported on first validation, since their owners load MPI or torch.
+
+Strategies read ``cfg.<setting>`` (``cfg.batch_size``, ``cfg.servers``): the flat name is delegated to
+the section that holds it, read-only.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-from dataclasses import MISSING, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mpisgd.errors import ConfigError
+from mpisgd.training.registry import STRATEGIES, strategies_reading
 
-STRATEGIES = ("sync", "downpour", "dcasgd", "sandblaster")
-SERVER_RULES = ("sgd", "adagrad")
-DC_VARIANTS = ("constant", "adaptive")
-MODELS = ("linear", "mlp", "cnn")
-OPTIMIZERS = ("sgd", "lars")
-SCHEDULES = ("constant", "step", "cosine")
 ON_NONFINITE = ("stop", "skip")
 DEVICES = ("cpu", "cuda")
+OPTIMIZERS = ("sgd", "lars")
+
+Choices = Callable[[], tuple]
+Check = Callable[[Any], Optional[str]]
 
 
-def _opt(default: Any, help: str, *, choices: Optional[tuple] = None, kind: Any = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
+def _owned(module: str, name: str, *, keys: bool = False) -> Choices:
+    """The valid values kept by ``module.name`` (a tuple, or a dict's keys), imported when needed."""
+    def choices() -> tuple:
+        values = getattr(importlib.import_module(module), name)
+        return tuple(values.keys() if keys else values)
+    return choices
+
+
+def _fixed(values: tuple) -> Choices:
+    return lambda: values
+
+
+def positive(value: Any) -> Optional[str]:
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+def non_negative(value: Any) -> Optional[str]:
+    return None if value >= 0 and math.isfinite(value) else f"must be >= 0, got {value}"
+
+
+def positive_or_none(value: Any) -> Optional[str]:
+    return None if value is None else positive(value)
+
+
+def fraction_or_none(value: Any) -> Optional[str]:
+    return None if value is None or 0 < value <= 1 else f"must be in (0, 1], got {value}"
+
+
+def niceness(value: Any) -> Optional[str]:
+    return None if 0 <= value <= 19 else f"must be in 0..19, got {value}"
+
+
+def widths(value: Any) -> Optional[str]:
+    return None if value and min(value) > 0 else f"must list positive widths, got {value}"
+
+
+def _opt(default: Any, help: str, *, choices: Optional[Choices] = None, kind: Any = None,
+         check: Optional[Check] = None, used_by: Optional[tuple] = None) -> Any:
+    """A setting: ``used_by`` names the strategies that read it (default: those of its section)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind, "check": check,
+                                            "used_by": used_by})
 
 
 def _ints(text: str) -> tuple:
@@ -37,107 +86,229 @@ def _floats(text: str) -> tuple:
     return tuple(float(v) for v in str(text).split(",") if v.strip())
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything `mpisgd train` needs; every rank builds the same one from the same argv."""
+def _validate(section: Any) -> None:
+    """Every field's valid values and check, in declaration order; the first problem is the error."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices():
+            raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices())}, got {value!r}")
+        check = f.metadata.get("check")
+        problem = check(value) if check is not None else None
+        if problem:
+            raise ConfigError(f"{flag(f.name)} {problem}")
 
-    strategy: str = _opt("sync", "training strategy", choices=STRATEGIES)
-    model: str = _opt("mlp", "built-in model", choices=MODELS)
-    hidden: tuple = _opt((256, 128), "hidden layer widths of mlp, e.g. 256,128", kind=_ints)
+
+class _Section:
+    """A config section: its settings are checked as it is built, so no invalid section exists."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+GRADIENT_STRATEGIES = ("sync", "downpour", "dcasgd")  # step-wise SGD: epochs, lr, steps, logging
+SERVER_STRATEGIES = ("downpour", "dcasgd", "sandblaster")  # ranks split into servers and workers
+
+
+@dataclass(frozen=True)
+class CommonConfig(_Section):
+    """What every strategy reads (a few settings only the step-wise or the server strategies read)."""
+
+    strategy: str = _opt("sync", "training strategy", choices=lambda: tuple(STRATEGIES))
+    model: str = _opt("mlp", "built-in model", choices=_owned("mpisgd.models", "MODELS", keys=True))
+    hidden: tuple = _opt((256, 128), "hidden layer widths of mlp, e.g. 256,128", kind=_ints, check=widths)
     data: Optional[str] = _opt(None, "training HDF5 file with datasets x and y (default: the built-in "
                                "'mpisgd-shapes' set, generated offline on first use)")
     val: Optional[str] = _opt(None, "validation HDF5 file of the same shape (default: the built-in set's)")
-    epochs: int = _opt(5, "epochs to train")
+    epochs: int = _opt(5, "epochs to train", check=positive, used_by=GRADIENT_STRATEGIES)
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps in total (counts across --resume; "
-                                    "per worker in downpour/dcasgd)")
-    batch_size: int = _opt(32, "per-rank batch size (global batch = ranks x this)")
-    lr: float = _opt(0.1, "base learning rate for --reference-batch; scaled linearly to the global batch")
-    reference_batch: int = _opt(256, "batch size at which --lr applies (Goyal et al.: 256)")
-    warmup_epochs: float = _opt(0.0, "gradual warm-up length in epochs (Goyal et al.: 5)")
-    warmup_start_factor: Optional[float] = _opt(None, "first warm-up lr as a fraction of the target "
-                                                "(default 1/k for a k-times larger batch)")
-    schedule: str = _opt("constant", "learning-rate decay after warm-up", choices=SCHEDULES)
-    milestones: tuple = _opt((), "epochs where the step schedule multiplies the lr by --gamma, e.g. 30,60",
-                             kind=_floats)
-    gamma: float = _opt(0.1, "step schedule decay factor")
-    momentum: float = _opt(0.9, "momentum")
-    weight_decay: float = _opt(1e-4, "weight decay (L2)")
-    no_decay_bias_bn: bool = _opt(False, "no weight decay (and no LARS trust ratio) on biases and norm layers")
-    optimizer: str = _opt("sgd", "optimizer", choices=OPTIMIZERS)
-    trust_coefficient: float = _opt(0.001, "LARS trust coefficient")
-    seed: int = _opt(0, "seed for initialization and shuffling (the same on every rank)")
-    algorithm: str = _opt("auto", "all-reduce algorithm", choices=("auto", "rhd", "ring", "shm", "native"))
+                                    "per worker in downpour/dcasgd)", check=positive_or_none,
+                                    used_by=GRADIENT_STRATEGIES)
+    batch_size: int = _opt(32, "per-rank batch size (global batch = ranks x this)", check=positive)
+    lr: float = _opt(0.1, "base learning rate for --reference-batch; scaled linearly to the global batch",
+                     check=positive, used_by=GRADIENT_STRATEGIES)
+    weight_decay: float = _opt(1e-4, "weight decay (L2)", check=non_negative)
+    seed: int = _opt(0, "seed for initialization and shuffling (the same on every rank)", check=non_negative)
     checkpoint_dir: Optional[str] = _opt(None, "directory for checkpoints (written atomically by rank 0)")
-    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each epoch)")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each epoch)",
+                                 check=non_negative, used_by=GRADIENT_STRATEGIES)
     resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir")
     metrics: Optional[str] = _opt(None, "JSONL metrics file (written by rank 0)")
-    log_every: int = _opt(10, "log training loss every N steps")
-    target_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0..1]")
+    log_every: int = _opt(10, "log training loss every N steps", check=positive, used_by=GRADIENT_STRATEGIES)
+    target_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0..1]",
+                                            check=fraction_or_none, used_by=GRADIENT_STRATEGIES)
     on_nonfinite: str = _opt("stop", "on a NaN/Inf gradient: stop with an error, or skip the step",
-                             choices=ON_NONFINITE)
-    device: str = _opt("cpu", "cpu, or cuda (one GPU per node-local rank)", choices=DEVICES)
+                             choices=_fixed(ON_NONFINITE), used_by=GRADIENT_STRATEGIES)
+    device: str = _opt("cpu", "cpu, or cuda (one GPU per node-local rank)", choices=_fixed(DEVICES))
     share_gpus: bool = _opt(False, "allow more ranks per node than GPUs with --device cuda")
-    progress: bool = _opt(True, "progress bar on rank 0 (when stderr is a terminal)")
-    # --- parameter-server strategies (downpour, dcasgd, sandblaster) ---
-    servers: int = _opt(1, "downpour/dcasgd/sandblaster: number of parameter-server shard ranks")
-    n_fetch: int = _opt(1, "downpour: pull parameters every N worker steps (Dean et al.: n_fetch)")
-    n_push: int = _opt(1, "downpour: push accumulated gradients every N worker steps (n_push)")
+    progress: bool = _opt(True, "progress bar on rank 0 (when stderr is a terminal and the strategy has one)")
+    servers: int = _opt(1, "number of parameter-server shard ranks", check=positive, used_by=SERVER_STRATEGIES)
+    worker_timeout: float = _opt(30.0, "seconds without a heartbeat before a worker counts as dead",
+                                 check=positive, used_by=SERVER_STRATEGIES)
+
+
+@dataclass(frozen=True)
+class SyncConfig(_Section):
+    """Synchronous large-minibatch SGD (Goyal et al. 2017; LARS, You et al. 2017)."""
+
+    reference_batch: int = _opt(256, "batch size at which --lr applies (Goyal et al.: 256)", check=positive)
+    warmup_epochs: float = _opt(0.0, "gradual warm-up length in epochs (Goyal et al.: 5)", check=non_negative)
+    warmup_start_factor: Optional[float] = _opt(None, "first warm-up lr as a fraction of the target "
+                                                "(default 1/k for a k-times larger batch)", check=fraction_or_none)
+    schedule: str = _opt("constant", "learning-rate decay after warm-up",
+                         choices=_owned("mpisgd.sync.schedule", "SCHEDULES"))
+    milestones: tuple = _opt((), "epochs where the step schedule multiplies the lr by --gamma, e.g. 30,60",
+                             kind=_floats)
+    gamma: float = _opt(0.1, "step schedule decay factor", check=non_negative)
+    momentum: float = _opt(0.9, "momentum", check=non_negative)
+    no_decay_bias_bn: bool = _opt(False, "no weight decay (and no LARS trust ratio) on biases and norm layers")
+    optimizer: str = _opt("sgd", "optimizer", choices=_fixed(OPTIMIZERS))
+    trust_coefficient: float = _opt(0.001, "LARS trust coefficient", check=non_negative)
+    algorithm: str = _opt("auto", "all-reduce algorithm",
+                          choices=_owned("mpisgd.comm.communicator", "ALGORITHM_NAMES"))
+
+
+@dataclass(frozen=True)
+class DownpourConfig(_Section):
+    """Downpour SGD (Dean et al. 2012) and DC-ASGD (Zheng et al. 2017) on a sharded parameter server."""
+
+    n_fetch: int = _opt(1, "pull parameters every N worker steps (Dean et al.: n_fetch)", check=positive)
+    n_push: int = _opt(1, "push accumulated gradients every N worker steps (n_push)", check=positive)
     server_rule: str = _opt("adagrad", "downpour: update rule applied by the servers (dcasgd always uses sgd "
-                            "on the compensated gradient)", choices=SERVER_RULES)
-    adagrad_eps: float = _opt(1e-8, "downpour: Adagrad epsilon")
-    dc_lambda: float = _opt(0.04, "dcasgd: delay-compensation strength lambda (Zheng et al.)")
+                            "on the compensated gradient)", choices=_owned("mpisgd.downpour.rules", "RULES"),
+                            used_by=("downpour",))
+    adagrad_eps: float = _opt(1e-8, "downpour: Adagrad epsilon", check=positive, used_by=("downpour",))
+    dc_lambda: float = _opt(0.04, "dcasgd: delay-compensation strength lambda (Zheng et al.)",
+                            check=non_negative, used_by=("dcasgd",))
     dc_variant: str = _opt("constant", "dcasgd: constant lambda, or adaptive (lambda / sqrt(mean square of g))",
-                           choices=DC_VARIANTS)
-    dc_momentum: float = _opt(0.95, "dcasgd adaptive: decay of the mean square of the gradient")
-    warmstart_steps: int = _opt(0, "downpour: steps one replica trains alone before the others join")
-    server_nice: int = _opt(0, "downpour: lower the servers' CPU priority by this niceness (0-19) so that "
-                            "workers sharing their cores get them first (see README)")
-    worker_timeout: float = _opt(30.0, "downpour/sandblaster: seconds without a heartbeat before a worker "
-                                 "counts as dead")
-    eval_every: int = _opt(0, "downpour: evaluate on the validation set every N pushes (0: once per epoch of data)")
-    history: int = _opt(10, "sandblaster: L-BFGS history size m")
-    portion_size: int = _opt(64, "sandblaster: samples per work portion handed to a free worker")
-    max_iterations: int = _opt(100, "sandblaster: maximum L-BFGS iterations")
-    gradient_tolerance: float = _opt(1e-5, "sandblaster: stop when the gradient's max-norm falls below this")
-    backup_tasks: bool = _opt(True, "sandblaster: re-issue unfinished portions near the end of a pass")
+                           choices=_owned("mpisgd.downpour.rules", "DC_VARIANTS"), used_by=("dcasgd",))
+    dc_momentum: float = _opt(0.95, "dcasgd adaptive: decay of the mean square of the gradient",
+                              check=non_negative, used_by=("dcasgd",))
+    warmstart_steps: int = _opt(0, "steps one replica trains alone before the others join", check=non_negative)
+    server_nice: int = _opt(0, "lower the servers' CPU priority by this niceness (0-19) so that workers "
+                            "sharing their cores get them first (see README)", check=niceness)
+    eval_every: int = _opt(0, "evaluate on the validation set every N pushes (0: once per epoch of data)",
+                           check=non_negative)
+
+
+@dataclass(frozen=True)
+class SandblasterConfig(_Section):
+    """Sandblaster L-BFGS (Dean et al. 2012)."""
+
+    history: int = _opt(10, "L-BFGS history size m", check=positive)
+    portion_size: int = _opt(64, "samples per work portion handed to a free worker", check=positive)
+    max_iterations: int = _opt(100, "maximum L-BFGS iterations", check=positive)
+    gradient_tolerance: float = _opt(1e-5, "stop when the gradient's max-norm falls below this", check=positive)
+    backup_tasks: bool = _opt(True, "re-issue unfinished portions near the end of a pass")
+
+
+#: section attribute of TrainConfig -> (its dataclass, the title of its group in `mpisgd train --help`)
+SECTIONS: dict[str, tuple[type, str]] = {
+    "common": (CommonConfig, "common options"),
+    "sync": (SyncConfig, "sync options (Goyal et al. 2017)"),
+    "downpour": (DownpourConfig, "downpour/dcasgd options (Dean et al. 2012; Zheng et al. 2017)"),
+    "sandblaster": (SandblasterConfig, "sandblaster options (Dean et al. 2012)"),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it lives and which strategies read it."""
+
+    name: str
+    section: str
+    field: Field
+    used_by: tuple
+
+
+def _settings() -> dict[str, Setting]:
+    table = {}
+    for section, (cls, _) in SECTIONS.items():
+        for f in fields(cls):
+            used_by = f.metadata.get("used_by") or (tuple(STRATEGIES) if section == "common"
+                                                     else strategies_reading(section))
+            table[f.name] = Setting(f.name, section, f, used_by)
+    return table
+
+
+#: every setting by its flat name (the flag without dashes, the config-file key)
+SETTINGS: dict[str, Setting] = _settings()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `mpisgd train` needs; every rank builds the same one from the same argv.
+
+    Build it from flat names with :meth:`from_settings`; read any setting as ``cfg.<name>``.
+    """
+
+    common: CommonConfig = field(default_factory=CommonConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-        positive = ("epochs", "batch_size", "lr", "reference_batch", "log_every", "servers", "n_fetch", "n_push",
-                    "adagrad_eps", "worker_timeout", "history", "portion_size", "max_iterations",
-                    "gradient_tolerance")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("warmup_epochs", "momentum", "weight_decay", "trust_coefficient", "seed",
-                        "checkpoint_every", "gamma", "dc_lambda", "dc_momentum", "warmstart_steps", "eval_every")
-        for name in non_negative:
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
-        if not 0 <= self.server_nice <= 19:
-            raise ConfigError(f"--server-nice must be in 0..19, got {self.server_nice}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
-        if not self.hidden or min(self.hidden) <= 0:
-            raise ConfigError(f"--hidden must list positive widths, got {self.hidden}")
-        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
-        if self.warmup_start_factor is not None and not 0 < self.warmup_start_factor <= 1:
-            raise ConfigError(f"--warmup-start-factor must be in (0, 1], got {self.warmup_start_factor}")
-        if self.resume and not self.checkpoint_dir:
+        if self.common.resume and not self.common.checkpoint_dir:
             raise ConfigError("--resume needs --checkpoint-dir")
 
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.batch_size`` reads ``cfg.common.batch_size``: the flat names of the settings, read-only."""
+        setting = SETTINGS.get(name)
+        if setting is None:
+            raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
+        return getattr(getattr(self, setting.section), name)
 
-def _flag(name: str) -> str:
+    @property
+    def strategy(self) -> str:
+        return self.common.strategy
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], *, given: Optional[Mapping[str, str]] = None) -> TrainConfig:
+        """A config from flat names (already converted), the rest at their defaults.
+
+        Args:
+            values: setting name -> value.
+            given: setting name -> where it was given ("--flag", a file name) for the settings set on
+                purpose; each must be read by the chosen strategy. Default: every key of ``values``.
+        Raises:
+            ConfigError: an unknown name, an invalid value, or a setting the strategy ignores.
+        """
+        unknown = [name for name in values if name not in SETTINGS]
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
+        by_section: dict[str, dict] = {name: {} for name in SECTIONS}
+        for name, value in values.items():
+            by_section[SETTINGS[name].section][name] = value
+        common = CommonConfig(**by_section["common"])
+        _refuse_ignored(common.strategy, given if given is not None else {name: flag(name) for name in values})
+        return cls(common=common, **{name: SECTIONS[name][0](**by_section[name]) for name in SECTIONS
+                                     if name != "common"})
+
+    def with_settings(self, **values: Any) -> TrainConfig:
+        """A copy with some settings changed, by flat name (like `dataclasses.replace`)."""
+        by_section: dict[str, dict] = {}
+        for name, value in values.items():
+            if name not in SETTINGS:
+                raise ConfigError(f"unknown setting {name!r}")
+            by_section.setdefault(SETTINGS[name].section, {})[name] = value
+        return replace(self, **{name: replace(getattr(self, name), **changes)
+                                for name, changes in by_section.items()})
+
+
+def _refuse_ignored(strategy: str, given: Mapping[str, str]) -> None:
+    for name, source in given.items():
+        users = SETTINGS[name].used_by
+        if strategy not in users:
+            where = "" if source == flag(name) else f" (set in {source})"
+            raise ConfigError(f"{flag(name)}{where} is not used by --strategy {strategy}; "
+                              f"it is read by --strategy {', '.join(users)} only")
+
+
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _convert(f, value: Any) -> Any:
+def _convert(f: Field, value: Any) -> Any:
     """A value from a flag or a config file, to the field's type."""
     if value is None:
         return None
@@ -160,24 +331,29 @@ def _convert(f, value: Any) -> Any:
         if "float" in annotation:
             return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{_flag(f.name)}: cannot read {value!r} as {annotation}") from None
+        raise ConfigError(f"{flag(f.name)}: cannot read {value!r} as {annotation}") from None
     return str(value)
 
 
-def add_train_arguments(parser) -> None:
-    """One flag per TrainConfig field (default None = 'not given', so file values can apply)."""
+def add_train_arguments(parser: Any) -> None:
+    """One flag per setting, in one argument group per section (default None = 'not given', so file
+    values can apply)."""
     parser.add_argument("--config", help="TOML or JSON file of settings (keys are the flag names)")
-    for f in fields(TrainConfig):
+    groups = {name: parser.add_argument_group(title) for name, (_, title) in SECTIONS.items()}
+    for setting in SETTINGS.values():
+        f, group = setting.field, groups[setting.section]
         help_text = f.metadata.get("help", "")
+        if setting.section == "common" and setting.used_by != tuple(STRATEGIES):
+            help_text = f"{'/'.join(setting.used_by)}: {help_text}"
         default = f.default if f.default is not MISSING else None
         if isinstance(default, bool):
-            parser.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None,
-                                help=f"{help_text} (default {default})")
+            group.add_argument(flag(f.name), dest=f.name, action="store_true", default=None,
+                               help=f"{help_text} (default {default})")
             if default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                                help=f"{help_text} (default {default})")
+            group.add_argument(flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                               help=f"{help_text} (default {default})")
 
 
 def read_config_file(path: str) -> dict:
@@ -202,17 +378,19 @@ def read_config_file(path: str) -> dict:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def train_config_from(args) -> TrainConfig:
+def train_config_from(args: Any) -> TrainConfig:
     """Defaults < config file < flags, converted and validated."""
-    by_name = {f.name: f for f in fields(TrainConfig)}
     values: dict = {}
+    given: dict = {}
     if getattr(args, "config", None):
         for key, value in read_config_file(args.config).items():
-            if key not in by_name:
-                raise ConfigError(f"unknown setting {key!r} in {args.config}; valid: {', '.join(by_name)}")
-            values[key] = _convert(by_name[key], value)
-    for name, f in by_name.items():
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = _convert(f, given)
-    return replace(TrainConfig(), **values) if values else TrainConfig()
+            if key not in SETTINGS:
+                raise ConfigError(f"unknown setting {key!r} in {args.config}; valid: {', '.join(SETTINGS)}")
+            values[key] = _convert(SETTINGS[key].field, value)
+            given[key] = args.config
+    for name, setting in SETTINGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = _convert(setting.field, value)
+            given[name] = flag(name)
+    return TrainConfig.from_settings(values, given=given)

@@ -65,13 +65,10 @@ def test_uncaught_exception_on_one_rank_aborts_the_whole_job(tmp_path):
     # A subcommand that fails on rank 1 only while the others wait in a collective: without the
     # abort, ranks 0 and 2 would wait forever.
     script = tmp_path / "explode.py"
+    # `mpisgd info` with its handler replaced: the parser looks the handler up when it is built.
     script.write_text(textwrap.dedent("""
         import sys
         from mpisgd import cli
-
-        def register(sub):
-            p = sub.add_parser("explode")
-            p.set_defaults(handler=explode)
 
         def explode(args):
             from mpi4py import MPI
@@ -80,8 +77,8 @@ def test_uncaught_exception_on_one_rank_aborts_the_whole_job(tmp_path):
             MPI.COMM_WORLD.Barrier()
             return 0
 
-        cli._extra_commands.append(register)
-        sys.exit(cli.main(["explode"]))
+        cli.run_info = explode
+        sys.exit(cli.main(["info"]))
     """))
     before = set(glob.glob("/dev/shm/mpich_*"))
     result = run_mpi(3, [sys.executable, str(script)], timeout=60)
@@ -95,3 +92,21 @@ def test_python_dash_m_is_the_command():
     result = subprocess.run([sys.executable, "-m", "mpisgd", "--version"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("mpisgd ")
+
+
+def test_train_help_groups_the_options_by_strategy():
+    result = subprocess.run([sys.executable, "-m", "mpisgd", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    titles = [line for line in result.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [t.split(" ")[0] for t in titles if " options" in t] == [
+        "common", "sync", "downpour/dcasgd", "sandblaster"], titles
+    assert "--log-level" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["info"], ["bench", "allreduce"], ["train"], ["make-data", "x.h5"],
+                                  ["plot", "m.jsonl"]])
+def test_every_subcommand_takes_log_level(argv):
+    result = subprocess.run([sys.executable, "-m", "mpisgd", *argv, "--log-level", "loud"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "--log-level: invalid choice: 'loud'" in result.stderr, result.stderr

@@ -29,7 +29,12 @@ EXPECTED_SCRIPTS = {"info.sbatch", "bench_allreduce.sbatch", "sync_cpu.sbatch", 
                     "downpour.sbatch", "sandblaster.sbatch"}
 ENV_BIN = Path(sys.executable).parent
 MPISGD = ENV_BIN / "mpisgd"
-JOB_TIMEOUT_S = 90
+# A deadline that only catches hung jobs: the jobs take 10-30 s on an idle 2-core machine, several times
+# that when other tests share its cores, and a deadline near their length made the result depend on load.
+JOB_TIMEOUT_S = 420
+# The same for the parameter-server strategies' own deadline: a worker starved of CPU for longer than
+# --worker-timeout (default 30 s) counts as dead and the job ends with MPI_Abort, whatever it computed.
+PATIENT_WORKERS = ("--worker-timeout", "300")
 
 
 # ---------------------------------------------------------------------------- static checks
@@ -160,7 +165,7 @@ def test_sync_cpu_trains_and_checkpoints(slurm_cluster: SlurmCluster, tmp_path: 
 def test_downpour_trains_and_checkpoints(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     _require_mpisgd("train")
     job_id, log = _run_job(slurm_cluster, "downpour.sbatch", tmp_path, "--ntasks-per-node=3",
-                           script_args=("--max-steps", "40", "--log-every", "5"),
+                           script_args=("--max-steps", "40", "--log-every", "5", *PATIENT_WORKERS),
                            SERVERS="1", EPOCHS="1", BATCH="32")
     _check_training_outputs(tmp_path, "mpisgd-downpour", job_id, log)
 
@@ -169,19 +174,19 @@ def test_downpour_trains_and_checkpoints(slurm_cluster: SlurmCluster, tmp_path: 
 def test_sandblaster_trains_and_checkpoints(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     _require_mpisgd("train")
     job_id, log = _run_job(slurm_cluster, "sandblaster.sbatch", tmp_path, "--ntasks-per-node=4",
-                           SERVERS="1", ITERATIONS="10", PORTION="512")
+                           script_args=PATIENT_WORKERS, SERVERS="1", ITERATIONS="10", PORTION="512")
     _check_training_outputs(tmp_path, "mpisgd-sandblaster", job_id, log)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 30)  # its waits' deadlines (only a hang reaches them) and room
 def test_cluster_reports_failed_and_hung_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """The harness itself: a failing job is FAILED, a hung one raises TimeoutError and is cancelled."""
     failing = tmp_path / "fail.sbatch"
     failing.write_text("#!/bin/bash\n#SBATCH --ntasks=1 --time=00:01:00\nexit 3\n")
-    assert slurm_cluster.wait(slurm_cluster.sbatch(failing, cwd=tmp_path), timeout=30) == "FAILED"
+    assert slurm_cluster.wait(slurm_cluster.sbatch(failing, cwd=tmp_path), timeout=JOB_TIMEOUT_S) == "FAILED"
     hanging = tmp_path / "hang.sbatch"
     hanging.write_text("#!/bin/bash\n#SBATCH --ntasks=1 --time=00:05:00\nsleep 300\n")
     job_id = slurm_cluster.sbatch(hanging, cwd=tmp_path)
     with pytest.raises(TimeoutError, match=f"job {job_id} not finished"):
         slurm_cluster.wait(job_id, timeout=3)
-    assert slurm_cluster.wait(job_id, timeout=30) == "CANCELLED"
+    assert slurm_cluster.wait(job_id, timeout=JOB_TIMEOUT_S) == "CANCELLED"

@@ -148,3 +148,30 @@ def test_non_finite_gradients_stop_or_skip(tmp_path, small_data):
     assert "skipped" in skip.stdout
     final = load_checkpoint(tmp_path / "skip" / "final.h5")["model_state"]
     assert all(torch.isfinite(t).all() for t in final.values()), "a non-finite step was applied"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy", "downpour", "--momentum", "0.5"],
+     "--momentum is not used by --strategy downpour; it is read by --strategy sync only"),
+    (["--strategy", "sandblaster", "--epochs", "2"],
+     "--epochs is not used by --strategy sandblaster; it is read by --strategy sync, downpour, dcasgd only"),
+    (["--servers", "2"], "--servers is not used by --strategy sync"),
+])
+def test_a_setting_the_strategy_ignores_is_an_error_naming_who_reads_it(small_data, flags, message):
+    result = train(2, small_data, *flags, timeout=120)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.count(message) == 2, result.stdout
+
+
+def test_a_config_file_setting_the_strategy_ignores_names_the_file(tmp_path, small_data):
+    config = tmp_path / "run.toml"
+    config.write_text("n-push = 4\n")
+    result = train(2, small_data, "--config", config, timeout=120)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.count(f"--n-push (set in {config}) is not used by --strategy sync") == 2, result.stdout
+
+
+def test_hier_is_accepted_like_every_all_reduce_algorithm(small_data):
+    """--algorithm takes its list from mpisgd.comm (hier included); hier on one node falls back as the API does."""
+    result = train(2, small_data, "--epochs", "1", "--max-steps", "2", "--algorithm", "hier", timeout=120)
+    assert "--algorithm must be one of" not in result.stdout, result.stdout
