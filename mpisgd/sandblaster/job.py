@@ -1,16 +1,18 @@
 """Sandblaster L-BFGS (Dean et al. 2012): batch L-BFGS on parameters that never sit on one rank.
 
 ``mpiexec -n P mpisgd train --strategy sandblaster --servers S``: ranks 0..S-1 are parameter-server
-shards, rank S is the coordinator, the other P-S-1 ranks are workers (at least one).
+shards, rank S is the coordinator (a rank of its own that drives L-BFGS and schedules portions), the
+other P-S-1 ranks are workers (at least one).
 
 * The shards hold the parameters and every L-BFGS vector (gradient, direction, the m history
   pairs) in contiguous slices (`mpisgd.training.layout.ShardLayout`) and run the coordinator's vector
   commands on them (`mpisgd.sandblaster.shard`); only scalars go back to the coordinator.
 * The coordinator runs L-BFGS with a strong-Wolfe line search (`mpisgd.sandblaster.lbfgs`, no MPI in it)
-  and, for each evaluation of the objective, hands small portions of the training set
-  (``--portion-size`` rows) to whichever worker is free; at the end of a pass, portions out for
-  unusually long get a backup copy (``--backup-tasks``), the first copy winning
-  (`mpisgd.sandblaster.scheduler`).
+  on vectors it never holds (`mpisgd.sandblaster.workspace`) and, for each evaluation of the
+  objective, hands small portions of the training set (``--portion-size`` rows) to whichever worker
+  is free; at the end of a pass, portions out for unusually long get a backup copy
+  (``--backup-tasks``), the first copy winning (`mpisgd.sandblaster.scheduler`). The messages are
+  in `mpisgd.sandblaster.protocol`.
 * Workers pull the pass's point from the shards, compute portion loss sums and gradients with torch
   in float64, and push each shard its gradient slice (`mpisgd.sandblaster.worker`).
 
@@ -51,38 +53,51 @@ from __future__ import annotations
 
 import atexit
 import copy
-import math
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from mpisgd import checkpoint as ckpt
+from mpisgd import faults, log
 from mpisgd.comm import Communicator
 from mpisgd.comm.abort import abort_world
-from mpisgd.data import ShardedHDF5
-from mpisgd.errors import ConfigError, MpisgdError
+from mpisgd.comm.wait import wait_until
+from mpisgd.errors import ConfigError, JobFailedError
 from mpisgd.metrics import MetricsWriter
 from mpisgd.models import build_model
-from mpisgd.sandblaster.lbfgs import LBFGSSettings, NonFiniteObjectiveError, minimize
-from mpisgd.sandblaster.protocol import ASSIGN, EXIT, Portions, wait_for_message
-from mpisgd.sandblaster.scheduler import PortionScheduler, ShardedWorkspace
+from mpisgd.sandblaster.lbfgs import IterationRecord, LBFGSSettings, NonFiniteObjectiveError, minimize
+from mpisgd.sandblaster.protocol import Ending, Portions, Tag, WorkerCommand, polite_backoff
+from mpisgd.sandblaster.scheduler import PortionScheduler
 from mpisgd.sandblaster.shard import VectorShard
 from mpisgd.sandblaster.worker import PortionWorker
+from mpisgd.sandblaster.workspace import ShardedWorkspace
 from mpisgd.training.config import TrainConfig
 from mpisgd.training.layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
-from mpisgd.training.loop import open_datasets
+from mpisgd.training.loop import Datasets, evaluate, open_datasets
+
+logger = logging.getLogger(__name__)
 
 
 def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
-    """Run Sandblaster L-BFGS per ``cfg`` on ``comm``; returns the summary (the same on every rank)."""
-    error = None
+    """Run Sandblaster L-BFGS per ``cfg`` on ``comm``; returns the summary (the same on every rank).
+
+    Raises:
+        ConfigError: bad input, on every rank together.
+        JobFailedError: the run failed (a non-finite objective); the coordinator told every rank.
+    """
+    error: Optional[ConfigError] = None
+    fault = None
     try:
         roles = Roles.assign(comm.size, cfg.servers, with_coordinator=True)
         if cfg.resume:
@@ -90,11 +105,13 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
                               "load it and train again)")
         if cfg.device != "cpu":
             raise ConfigError("--strategy sandblaster computes on the CPU only; drop --device cuda")
+        fault = faults.sandblaster_fault(comm.rank)
     except ConfigError as exc:
         error = exc
     comm.raise_together(error)
-    data = open_datasets(cfg, comm, rank=comm.rank, size=comm.size)
-    model = None
+    # every rank sees the whole sets: the coordinator hands out rows, and scores the validation set alone
+    data = open_datasets(cfg, comm, rank=0, size=1)
+    model: Optional[torch.nn.Module] = None
     try:
         model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, seed=cfg.seed)
         if any(True for _ in model.buffers()):
@@ -104,6 +121,7 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
     except ConfigError as exc:
         error = exc
     comm.raise_together(error)
+    assert model is not None and roles.coordinator is not None  # raise_together raised otherwise
 
     initial = torch.nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy()
     layout = ShardLayout(len(initial), cfg.servers)
@@ -121,19 +139,17 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
         elif role == WORKER:
             worker_model = copy.deepcopy(model).double()
             ending = PortionWorker(run_comm, coordinator=roles.coordinator, shards=roles.servers,
-                                   layout=layout, model=worker_model, data=data.train).serve()
+                                   layout=layout, model=worker_model, data=data.train, fault=fault).serve()
         else:
             ending = _coordinate(cfg, run_comm, roles, layout, portions, model, data)
-    summary, failure, lost = ending
-    if lost:
-        _end_job_at_exit(run_comm, roles, role, lost, exit_code=0 if failure is None else 1)
+    if ending.lost:
+        _end_job_at_exit(run_comm, roles.coordinator, role, ending.lost, exit_code=0 if ending.failure is None else 1)
     else:
         run_comm.Free()
-    if failure is not None:
-        exc = MpisgdError(failure)
-        exc.every_rank = True  # the coordinator sent it to everyone: each rank reports it and exits 1
-        raise exc
-    return summary
+    if ending.failure is not None:
+        raise JobFailedError(ending.failure)  # the coordinator sent it to everyone: each rank reports it
+    assert ending.summary is not None
+    return ending.summary
 
 
 def weight_decay_mask(model: torch.nn.Module) -> np.ndarray:
@@ -141,9 +157,9 @@ def weight_decay_mask(model: torch.nn.Module) -> np.ndarray:
     return np.concatenate([np.full(p.numel(), 1.0 if p.dim() > 1 else 0.0) for p in model.parameters()])
 
 
-def _coordinate(cfg: TrainConfig, comm, roles: Roles, layout: ShardLayout, portions: Portions,
-                model: torch.nn.Module, data) -> tuple:
-    """Drive L-BFGS, write metrics and the final model, then stop every rank; returns the ending."""
+def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLayout, portions: Portions,
+                model: torch.nn.Module, data: Datasets) -> Ending:
+    """The coordinator rank: drive L-BFGS, write metrics and the final model, then stop every rank."""
     reply_timeout = 60.0 + 4 * cfg.worker_timeout
     scheduler = PortionScheduler(comm, workers=roles.workers, portions=portions,
                                  backup_tasks=cfg.backup_tasks, worker_timeout=cfg.worker_timeout)
@@ -151,7 +167,7 @@ def _coordinate(cfg: TrainConfig, comm, roles: Roles, layout: ShardLayout, porti
                                  num_samples=portions.num_samples, reply_timeout=reply_timeout)
     metrics = MetricsWriter(cfg.metrics) if cfg.metrics else None
 
-    def log(record) -> None:
+    def log_iteration(record: IterationRecord) -> None:
         counters = workspace.take_counters()
         if metrics:
             metrics.write(step=record.iteration, loss=record.objective, train_objective=record.objective,
@@ -163,15 +179,17 @@ def _coordinate(cfg: TrainConfig, comm, roles: Roles, layout: ShardLayout, porti
 
     settings = LBFGSSettings(history=cfg.history, max_iterations=cfg.max_iterations,
                              gradient_tolerance=cfg.gradient_tolerance)
-    summary, failure = None, None
+    summary: Optional[dict[str, Any]] = None
+    failure: Optional[str] = None
     try:
-        result = minimize(workspace, settings, callback=log)
+        result = minimize(workspace, settings, callback=log_iteration)
     except NonFiniteObjectiveError as exc:
         failure = f"sandblaster: {exc}"
     if failure is None:
         flat = workspace.gather_parameters()
         torch.nn.utils.vector_to_parameters(torch.from_numpy(flat).to(torch.float32), model.parameters())
-        accuracy = _validation_accuracy(cfg, model, data)
+        # the whole validation set, on this rank alone (the others need not be alive)
+        accuracy = None if data.val is None else evaluate(model, data.val, MPI.COMM_SELF, "cpu")
         if metrics and accuracy is not None:
             metrics.write(step=result.iterations, val_accuracy=accuracy)
         if cfg.checkpoint_dir:
@@ -191,33 +209,16 @@ def _coordinate(cfg: TrainConfig, comm, roles: Roles, layout: ShardLayout, porti
     lost = scheduler.stop_workers(reply_timeout=cfg.worker_timeout)
     if summary is not None:
         summary["lost_workers"] = lost
-    ending = (summary, failure, lost)
+    ending = Ending(summary, failure, lost)
     workspace.stop_shards(ending)
     for worker in roles.workers:
         if worker not in lost:
-            comm.send(("exit", *ending), dest=worker, tag=ASSIGN)
+            comm.send((WorkerCommand.EXIT, ending), dest=worker, tag=Tag.ASSIGN)
     return ending
 
 
-def _validation_accuracy(cfg: TrainConfig, model: torch.nn.Module, data) -> float | None:
-    """Accuracy of the final model on the whole validation set, computed here (no other rank needed)."""
-    if data.val is None:
-        return None
-    val = ShardedHDF5(data.val.path, 0, 1, batch_size=max(cfg.batch_size, 256), num_classes=data.num_classes,
-                      shuffle=False, check_contents=False)
-    correct = total = 0
-    model.eval()
-    with torch.no_grad():
-        for x, y in val.iter_evaluation():
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    model.train()
-    val.close()
-    return correct / total if total else math.nan
-
-
 @contextmanager
-def _survive_hydra_notifications():
+def _survive_hydra_notifications() -> Iterator[None]:
     """Ignore SIGUSR1 while the run lasts: MPICH's hydra, under -disable-auto-cleanup, sends it to every
     rank when one exits; its default action would kill the survivors the run can do without."""
     if threading.current_thread() is not threading.main_thread():
@@ -230,29 +231,32 @@ def _survive_hydra_notifications():
         signal.signal(signal.SIGUSR1, previous)
 
 
-def _end_job_at_exit(comm, roles: Roles, role: str, lost: list, exit_code: int) -> None:
+def _end_job_at_exit(comm: MPI.Comm, coordinator: int, role: str, lost: list, exit_code: int) -> None:
     """After a run that lost workers, end the MPI job at interpreter exit (see the module docstring)."""
-    survivors = [rank for rank in range(comm.Get_size()) if rank != roles.coordinator and rank not in lost]
     if role == COORDINATOR:
-        def abort_when_everyone_is_done() -> None:
-            deadline = time.monotonic() + 120.0
-            waiting = set(survivors)
-            while waiting:
-                status = wait_for_message(comm, tag=EXIT, timeout=max(0.0, deadline - time.monotonic()))
-                if status is None:
-                    break
-                comm.recv(source=status.Get_source(), tag=EXIT)
+        waiting = {rank for rank in range(comm.Get_size()) if rank != coordinator and rank not in lost}
+
+        def everyone_reported() -> bool:
+            status = MPI.Status()
+            while comm.Iprobe(source=MPI.ANY_SOURCE, tag=Tag.EXIT, status=status):
+                comm.recv(source=status.Get_source(), tag=Tag.EXIT)
                 waiting.discard(status.Get_source())
-            print(f"mpisgd: sandblaster lost worker rank(s) {', '.join(map(str, lost))} and finished "
-                  f"without them; ending the job with MPI_Abort({exit_code}) because MPI_Finalize would "
-                  "wait for them forever", file=sys.stderr, flush=True)
+            return not waiting
+
+        def abort_when_everyone_is_done() -> None:
+            wait_until(everyone_reported, timeout=120.0, what="survivors' exits", backoff=polite_backoff(),
+                       on_timeout=lambda: None)  # a survivor that does not report in time is aborted too
+            logger.warning("sandblaster lost worker rank(s) %s and finished without them; ending the job with "
+                           "MPI_Abort(%d) because MPI_Finalize would wait for them forever",
+                           ", ".join(map(str, lost)), exit_code)
+            log.flush()
             abort_world(exit_code)
         atexit.register(abort_when_everyone_is_done)
     else:
         def report_done_and_wait() -> None:
             sys.stdout.flush()
-            sys.stderr.flush()
-            comm.send(None, dest=roles.coordinator, tag=EXIT)
+            log.flush()
+            comm.send(None, dest=coordinator, tag=Tag.EXIT)
             time.sleep(300.0)  # the coordinator's MPI_Abort ends this process long before
             os._exit(exit_code)
         atexit.register(report_done_and_wait)

@@ -333,7 +333,7 @@ class LBFGSSettings:
     c2: float = 0.9
     max_line_search: int = 20
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.history < 1 or self.max_iterations < 1 or self.max_line_search < 1:
             raise ValueError("history, max_iterations and max_line_search must be positive")
         if not (self.gradient_tolerance >= 0 and self.objective_tolerance >= 0):
@@ -368,7 +368,7 @@ class LBFGSResult:
 class _Gram:
     """Dot products among the named base vectors, kept as the history changes."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.values: dict = {}
 
     def set(self, a: str, b: str, value: float) -> None:

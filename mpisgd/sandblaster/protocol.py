@@ -1,85 +1,143 @@
-"""What Sandblaster's coordinator, shards and workers say to each other, and how they wait.
+"""What Sandblaster's coordinator rank, shard ranks and worker ranks say to each other, and how they wait.
 
 All messages are point-to-point on a communicator private to the run (a Dup of the library's),
-one tag per kind of message:
+one :class:`Tag` per kind of message:
 
 =============  ======================  =====================================================
 tag            direction               body
 =============  ======================  =====================================================
-COMMAND        coordinator -> shard    pickled tuple: ("run", program), ("begin", pass, point,
-                                       before), ("end", pass, gradient, then), ("final",),
-                                       ("stop", summary, failure, lost workers)
-REPLY          shard -> coordinator    pickled ("run", partials) or ("end", pass, missing portions,
-                                       results); float64 slice of x after "final"
-ASSIGN         coordinator -> worker   pickled (pass, portion, first row, end row); ("stop",); then
-                                       ("exit", summary, failure, lost workers)
+COMMAND        coordinator -> shard    pickled (:class:`ShardCommand`, ...): (RUN, program),
+                                       (BEGIN, pass, point, before), (END, pass, gradient, then),
+                                       (FINAL,), (STOP, :class:`Ending`)
+REPLY          shard -> coordinator    pickled (RUN, partials) or (END, pass, missing portions,
+                                       results); float64 slice of x after FINAL
+ASSIGN         coordinator -> worker   pickled :class:`Assignment`; (:class:`WorkerCommand`.STOP,);
+                                       then (WorkerCommand.EXIT, :class:`Ending`)
 PULL           worker -> shard         int64 [pass]: "send me the point of this pass"
 PARAMETERS     shard -> worker         float64 [pass, ok, slice...]; ok = 0: that pass is over
 GRADIENT       worker -> shard         float64 [pass, portion, gradient slice...] (a sum)
 RESULT         worker -> coordinator   float64 [pass, portion, loss sum, ok]
-EXIT           rank -> coordinator     None: a worker's answer to "stop"; after a run that lost a
+EXIT           rank -> coordinator     None: a worker's answer to STOP; after a run that lost a
                                        worker, every survivor's "done, abort now" at exit
 =============  ======================  =====================================================
+
+"Coordinator" always means the one dedicated rank (world rank S, after the S shards) that drives
+L-BFGS and schedules portions; shards and workers never coordinate anything.
 
 Bulk data (parameters, gradients) travels as float64 buffers with the ids in front (integers below
 2**53 are exact in float64), so each is one message; only small commands are pickled.
 
 Why polling with sleeps instead of blocking receives: MPICH's blocking calls spin on the CPU. With
 more ranks than cores (a laptop, CI), a spinning coordinator or shard steals the core a worker needs
-to compute its portion; sleeping between probes (20 us growing to 0.25 ms) hands it back. The cap
-is a latency/CPU trade: on 2 cores with 4 ranks a 0.25 ms cap gave 0.04-0.065 s per pass where 1 ms
-gave 0.078-0.080 s (32 portions of 256 x 512 features); an idle rank then wakes 4000 times a second.
+to compute its portion; sleeping between probes (20 us growing to 0.25 ms, :func:`polite_backoff`,
+the shared `mpisgd.comm.wait.Backoff`) hands it back. The cap is a latency/CPU trade: on 2 cores
+with 4 ranks a 0.25 ms cap gave 0.04-0.065 s per pass where 1 ms gave 0.078-0.080 s (32 portions
+of 256 x 512 features); an idle rank then wakes 4000 times a second.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Any, Callable, NamedTuple, Optional
 
 from mpi4py import MPI
 
+from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.errors import CommError
 
-COMMAND, REPLY, ASSIGN, PULL, PARAMETERS, GRADIENT, RESULT, EXIT = range(101, 109)
+#: the sleeps between probes of every Sandblaster rank (see the module docstring for the cap)
+FIRST_SLEEP_S, LONGEST_SLEEP_S = 20e-6, 250e-6
 
-_FIRST_SLEEP, _LONGEST_SLEEP = 20e-6, 250e-6
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+class Tag(IntEnum):
+    """The message tags of a run (its own communicator: no other component's tag can meet them)."""
+
+    COMMAND = 101
+    REPLY = 102
+    ASSIGN = 103
+    PULL = 104
+    PARAMETERS = 105
+    GRADIENT = 106
+    RESULT = 107
+    EXIT = 108
+
+
+class ShardCommand(str, Enum):
+    """What the coordinator rank asks of a shard; a shard's reply starts with the command it answers.
+
+    A ``str`` enum, so that a reply compares equal to the plain name (``ShardCommand.END == "end"``).
+    """
+
+    RUN = "run"  # run a program of vector commands, reply with its partial scalars
+    BEGIN = "begin"  # a pass starts: run a program, then serve the pass's point to workers that pull it
+    END = "end"  # the pass ends: once every portion is in, form the gradient and run a program
+    FINAL = "final"  # send this shard's slice of the parameters (for the final checkpoint)
+    STOP = "stop"  # the run is over; the command carries the Ending
+
+
+class WorkerCommand(str, Enum):
+    """What the coordinator rank tells a worker besides assignments."""
+
+    STOP = "stop"  # no more portions: complete pending sends and acknowledge with EXIT
+    EXIT = "exit"  # the run's Ending: leave the serving loop
+
+
+class Assignment(NamedTuple):
+    """One portion of one pass, handed by the coordinator rank to a worker."""
+
+    pass_id: int
+    portion: int
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"pass {self.pass_id}, portion {self.portion} (rows {self.start}..{self.end - 1})"
+
+
+class Ending(NamedTuple):
+    """How the run ended, sent by the coordinator rank to every rank that is still there."""
+
+    summary: Optional[dict]  # the training summary; None when the run failed
+    failure: Optional[str]  # why the run failed (every rank raises it), None when it did not
+    lost: list  # world ranks of the workers the run finished without
+
+
+def polite_backoff(sleep: Sleep = time.sleep) -> Backoff:
+    """The shared backoff with Sandblaster's sleeps (20 us doubling to 0.25 ms)."""
+    return Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, sleep=sleep)
 
 
 def wait_for_message(comm: MPI.Comm, *, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
-                     timeout: float | None = None) -> MPI.Status | None:
-    """Probe until a matching message is there; its status, or None after ``timeout`` seconds."""
+                     timeout: Optional[float] = None, clock: Clock = time.monotonic,
+                     sleep: Sleep = time.sleep) -> Optional[MPI.Status]:
+    """Probe until a matching message is there; its status, or None after ``timeout`` seconds.
+
+    Args:
+        comm: the run's communicator.
+        source, tag: what to wait for (any by default).
+        timeout: seconds (None: no deadline; 0: one probe).
+        clock, sleep: the time source and the pause between probes; injectable for tests.
+    """
     status = MPI.Status()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pause = _FIRST_SLEEP
-    while not comm.Iprobe(source=source, tag=tag, status=status):
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
-        time.sleep(pause)
-        pause = min(2 * pause, _LONGEST_SLEEP)
-    return status
+
+    def arrived() -> Optional[MPI.Status]:
+        return status if comm.Iprobe(source=source, tag=tag, status=status) else None
+
+    return wait_until(arrived, timeout=timeout, what=f"message with tag {tag}", backoff=polite_backoff(sleep),
+                      clock=clock, on_timeout=lambda: None)
 
 
-def receive_object(comm: MPI.Comm, *, source: int, tag: int, timeout: float | None = None,
-                   what: str = "a reply"):
+def receive_object(comm: MPI.Comm, *, source: int, tag: int, timeout: Optional[float] = None,
+                   what: str = "a reply") -> Any:
     """The next pickled message from ``source``; CommError when none comes within ``timeout``."""
-    status = wait_for_message(comm, source=source, tag=tag, timeout=timeout)
-    if status is None:
+    if wait_for_message(comm, source=source, tag=tag, timeout=timeout) is None:
         raise CommError(f"rank {source} sent no {what} within {timeout:.0f} s")
     return comm.recv(source=source, tag=tag)
-
-
-class Backoff:
-    """Sleep after an idle poll, a little longer each time, reset as soon as work arrives."""
-
-    def __init__(self):
-        self.pause = _FIRST_SLEEP
-
-    def idle(self) -> None:
-        time.sleep(self.pause)
-        self.pause = min(2 * self.pause, _LONGEST_SLEEP)
-
-    def busy(self) -> None:
-        self.pause = _FIRST_SLEEP
 
 
 @dataclass(frozen=True)
@@ -97,7 +155,7 @@ class Portions:
     def count(self) -> int:
         return -(-self.num_samples // self.size)
 
-    def rows(self, portion: int) -> tuple:
+    def rows(self, portion: int) -> tuple[int, int]:
         """(first row, end row) of ``portion``."""
         if not 0 <= portion < self.count:
             raise IndexError(f"portion {portion} outside 0..{self.count - 1}")

@@ -1,14 +1,14 @@
-"""The Sandblaster coordinator: L-BFGS's workspace on sharded vectors, and the portion scheduler.
+"""The Sandblaster coordinator rank's portion scheduler: who computes which portion of each pass.
 
-`ShardedWorkspace` implements `mpisgd.sandblaster.lbfgs.Workspace`: a program of vector commands goes
-to every shard and their partial scalars are combined in shard order; evaluating the objective is
-one *pass* over the training set, cut into portions that `PortionScheduler` hands to workers.
+Evaluating the objective is one *pass* over the training set, cut into portions
+(`mpisgd.sandblaster.protocol.Portions`); `PortionScheduler` hands them to worker ranks and collects
+their loss sums. (`mpisgd.sandblaster.workspace` sends the shard ranks their part of a pass.)
 
 Scheduling (Dean et al. 2012, after MapReduce): portions are much smaller than 1/workers of the
 set and go, in id order, to whichever worker is free, so fast workers simply do more of them. Once
 none is left to hand out (the end of the pass), a free worker gets a *backup* copy of a portion
 still running elsewhere, the one running longest first (at most two copies of a portion), and the
-first copy to finish wins; later copies are counted and dropped, on the coordinator and on the
+first copy to finish wins; later copies are counted and dropped, on the coordinator rank and on the
 shards. A portion is backed up only once it has run longer than ``BACKUP_AFTER`` times the median
 time of recent portions (Hadoop's speculative execution does the same): backing up every portion
 still running at the end of each pass doubles the end-of-pass work; measured on 2 cores with 4
@@ -21,29 +21,28 @@ its portion is re-issued and it gets no more work (unless it answers again).
 
 from __future__ import annotations
 
-import math
-import sys
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
 from mpisgd.errors import CommError
-from mpisgd.sandblaster.lbfgs import combine_partials
 from mpisgd.sandblaster.protocol import (
-    ASSIGN,
-    COMMAND,
-    EXIT,
-    REPLY,
-    RESULT,
+    Assignment,
+    Clock,
     Portions,
-    receive_object,
+    Sleep,
+    Tag,
+    WorkerCommand,
     wait_for_message,
 )
-from mpisgd.training.layout import ShardLayout
+
+logger = logging.getLogger(__name__)
 
 MAX_COPIES = 2  # a portion runs on at most this many workers at once (original + one backup)
 PREFETCH = 2  # assignments a worker may hold: the next one waits in its queue while it computes
@@ -72,14 +71,23 @@ class PortionScheduler:
     Each worker holds up to ``PREFETCH`` assignments, so it finds its next portion queued when it
     finishes one instead of waiting a round trip for it. Counters since the last `take_counters`
     are what the metrics log per iteration.
+
+    Args:
+        comm: the run's communicator (this process is the coordinator rank).
+        workers: world ranks of the workers.
+        portions: how the training set is cut.
+        backup_tasks: back up the portions of stragglers at the end of a pass.
+        worker_timeout: seconds without an answer before a worker holding work is counted as lost.
+        clock, sleep: the time source and the pause between probes; injectable, so tests can drive time.
     """
 
     COUNTERS = ("accepted_losses", "backup_portions", "reissued_portions", "duplicate_results",
                 "stale_results", "workers_lost")
 
     def __init__(self, comm: MPI.Comm, *, workers: Sequence[int], portions: Portions, backup_tasks: bool,
-                 worker_timeout: float):
+                 worker_timeout: float, clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> None:
         self.comm = comm
+        self.clock, self.sleep = clock, sleep
         self.workers = tuple(workers)
         self.portions = portions
         self.backup_tasks = backup_tasks
@@ -134,7 +142,7 @@ class PortionScheduler:
             self._assign(worker, work, work.queue.popleft())
         if not self.backup_tasks:
             return
-        overdue = time.monotonic() - self._backup_threshold()
+        overdue = self.clock() - self._backup_threshold()
         for worker in [w for w in self._live() if not self.assigned[w]]:  # idle workers take backups
             running = [k for k, holders in work.copies.items() if work.unfinished(k) and holders
                        and worker not in holders and len(holders) < MAX_COPIES and work.handed[k] <= overdue]
@@ -145,8 +153,8 @@ class PortionScheduler:
 
     def _assign(self, worker: int, work: _PassWork, portion: int) -> None:
         start, end = self.portions.rows(portion)
-        self.comm.send((work.pass_id, portion, start, end), dest=worker, tag=ASSIGN)
-        now = time.monotonic()
+        self.comm.send(Assignment(work.pass_id, portion, start, end), dest=worker, tag=Tag.ASSIGN)
+        now = self.clock()
         if not self.assigned[worker]:
             self.heard[worker] = now  # an idle worker's clock starts now, not at its last answer
         self.assigned[worker].append((work.pass_id, portion, now))
@@ -169,14 +177,14 @@ class PortionScheduler:
             threshold = self._backup_threshold()
             events += [work.handed[k] + threshold for k, holders in work.copies.items()
                        if holders and work.unfinished(k) and len(holders) < MAX_COPIES]
-        return max(0.0, min(events) - time.monotonic())
+        return max(0.0, min(events) - self.clock())
 
     def _receive_results(self, work: _PassWork, timeout: float) -> None:
         """Take every result that is there, waiting up to ``timeout`` for the first."""
-        status = wait_for_message(self.comm, tag=RESULT, timeout=timeout)
+        status = wait_for_message(self.comm, tag=Tag.RESULT, timeout=timeout, clock=self.clock, sleep=self.sleep)
         while status is not None:
             worker = status.Get_source()
-            self.comm.Recv(self._result, source=worker, tag=RESULT)
+            self.comm.Recv(self._result, source=worker, tag=Tag.RESULT)
             result_pass, portion = int(self._result[0]), int(self._result[1])
             loss, ok = self._result[2], self._result[3]
             self._worker_answered(worker, result_pass, portion)
@@ -193,11 +201,11 @@ class PortionScheduler:
                 elif ok:
                     self.counters["duplicate_results"] += 1
             status = MPI.Status()
-            if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=RESULT, status=status):
+            if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=Tag.RESULT, status=status):
                 status = None
 
     def _worker_answered(self, worker: int, result_pass: int, portion: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.heard[worker] = now
         queue = self.assigned[worker]
         for index, (its_pass, its_portion, handed) in enumerate(queue):
@@ -207,11 +215,10 @@ class PortionScheduler:
                 break
         if worker in self.lost:
             self.lost.discard(worker)
-            print(f"[sandblaster] worker rank {worker} answered again and gets work again", file=sys.stderr,
-                  flush=True)
+            logger.warning("sandblaster: worker rank %d answered again and gets work again", worker)
 
     def _declare_overdue_lost(self, work: _PassWork) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for worker in self._live():
             if not self.assigned[worker] or now - self.heard[worker] < self.worker_timeout:
                 continue
@@ -219,132 +226,48 @@ class PortionScheduler:
             self.counters["workers_lost"] += 1
             held = list(self.assigned[worker])
             self.assigned[worker].clear()
-            print(f"[sandblaster] worker rank {worker} held portions {[k for _, k, _ in held]} and did not "
-                  f"answer for {self.worker_timeout:g} s (--worker-timeout): counted as lost, its work is "
-                  "re-issued", file=sys.stderr, flush=True)
+            logger.warning("sandblaster: worker rank %d held portions %s and did not answer for %g s "
+                           "(--worker-timeout): counted as lost, its work is re-issued",
+                           worker, [k for _, k, _ in held], self.worker_timeout)
             for its_pass, portion, _ in held:
                 if its_pass == work.pass_id and portion in work.copies:
                     work.copies[portion].discard(worker)  # re-queued by _requeue_orphans if nobody has it
 
-    def take_counters(self) -> dict:
+    def take_counters(self) -> dict[str, Any]:
         """Counters since the last call (and reset them)."""
-        taken = {name: self.counters[name] for name in self.COUNTERS}
+        taken: dict[str, Any] = {name: self.counters[name] for name in self.COUNTERS}
         taken["portions_per_worker"] = {str(w): self.accepted_by[w] for w in self.workers}
         taken["computed_per_worker"] = {str(w): self.computed_by[w] for w in self.workers}
         self.counters, self.accepted_by, self.computed_by = Counter(), Counter(), Counter()
         return taken
 
-    def stop_workers(self, reply_timeout: float) -> list:
+    def stop_workers(self, reply_timeout: float) -> list[int]:
         """Tell every worker not lost to stop and wait for each to acknowledge; returns the silent ones."""
         waiting = self._live()
         for worker in waiting:
-            self.comm.send(("stop",), dest=worker, tag=ASSIGN)
-        deadline = time.monotonic() + reply_timeout
+            self.comm.send((WorkerCommand.STOP,), dest=worker, tag=Tag.ASSIGN)
+        deadline = self.clock() + reply_timeout
         pending = set(waiting)
         while pending:
-            left = max(0.0, deadline - time.monotonic())
-            status = wait_for_message(self.comm, tag=MPI.ANY_TAG, timeout=left)
+            left = max(0.0, deadline - self.clock())
+            status = wait_for_message(self.comm, tag=MPI.ANY_TAG, timeout=left, clock=self.clock, sleep=self.sleep)
             if status is None:
                 break
             source, tag = status.Get_source(), status.Get_tag()
-            if tag == RESULT:  # a late portion from a worker that had not read "stop" yet
-                self.comm.Recv(self._result, source=source, tag=RESULT)
-            elif tag == EXIT:
-                self.comm.recv(source=source, tag=EXIT)
+            if tag == Tag.RESULT:  # a late portion from a worker that had not read "stop" yet
+                self.comm.Recv(self._result, source=source, tag=Tag.RESULT)
+            elif tag == Tag.EXIT:
+                self.comm.recv(source=source, tag=Tag.EXIT)
                 pending.discard(source)
             else:
-                raise CommError(f"sandblaster coordinator: unexpected message tag {tag} from rank {source}")
+                raise CommError(f"sandblaster coordinator rank: unexpected message tag {tag} from rank {source}")
         return sorted(self.lost | pending)
 
 
-class ShardedWorkspace:
-    """`mpisgd.sandblaster.lbfgs.Workspace` whose vectors live on the shards and whose objective is a pass.
-
-    The objective is sum(portion loss sums) / N + the shards' regularizer terms; the gradient is
-    formed on the shards (see sandblaster_shard). Loss sums are added with math.fsum, which is
-    exact, so neither their order nor the worker that computed them changes the result.
-    """
-
-    def __init__(self, comm: MPI.Comm, *, shards: Sequence[int], layout: ShardLayout,
-                 scheduler: PortionScheduler, num_samples: int, reply_timeout: float):
-        self.comm = comm
-        self.shards = tuple(shards)
-        self.layout = layout
-        self.scheduler = scheduler
-        self.num_samples = num_samples
-        self.reply_timeout = reply_timeout
-        self.pass_id = 0
-        self.counters: Counter = Counter()
-        self.gradients_by_shard = [0] * len(self.shards)
-
-    def _to_shards(self, command: tuple) -> None:
-        for rank in self.shards:
-            self.comm.send(command, dest=rank, tag=COMMAND)
-
-    def _replies(self, kind: str) -> list:
-        replies = []
-        for rank in self.shards:
-            reply = receive_object(self.comm, source=rank, tag=REPLY, timeout=self.reply_timeout,
-                                   what=f"'{kind}' reply")
-            if reply[0] != kind:
-                raise CommError(f"sandblaster: shard rank {rank} answered {reply[0]!r} to {kind!r}")
-            replies.append(reply)
-        return replies
-
-    def run(self, program: Sequence[tuple]) -> list:
-        self._to_shards(("run", list(program)))
-        return combine_partials(program, [reply[1] for reply in self._replies("run")])
-
-    def evaluate(self, point: str, gradient: str, *, before: Sequence[tuple] = (),
-                 then: Sequence[tuple] = ()) -> tuple:
-        self.pass_id += 1
-        self._to_shards(("begin", self.pass_id, point, list(before)))
-        losses = self.scheduler.run_pass(self.pass_id, range(self.portions.count))
-        while True:
-            self._to_shards(("end", self.pass_id, gradient, list(then)))
-            replies = self._replies("end")
-            missing = sorted({k for reply in replies for k in reply[2]})
-            if not missing:
-                break
-            self.counters["missing_portions"] += len(missing)  # counted done, yet a shard lacks it: redo
-            self.scheduler.run_pass(self.pass_id, missing)
-        regularizer = 0.0
-        for index, (_, _, _, (shard_regularizer, _, stats)) in enumerate(replies):
-            regularizer += shard_regularizer
-            self.gradients_by_shard[index] += stats["accepted"]
-            self.counters["duplicate_gradients"] += stats["duplicates"]
-            self.counters["stale_gradients"] += stats["stale"]
-        self.counters["passes"] += 1
-        objective = math.fsum(losses[k] for k in range(self.portions.count)) / self.num_samples + regularizer
-        return objective, combine_partials(then, [reply[3][1] for reply in replies])
-
-    @property
-    def portions(self) -> Portions:
-        return self.scheduler.portions
-
-    def gather_parameters(self) -> np.ndarray:
-        """The whole parameter vector, once, for the final checkpoint."""
-        self._to_shards(("final",))
-        flat = np.empty(self.layout.num_params)
-        for shard, rank in enumerate(self.shards):
-            piece = self.layout.shard_slice(shard)
-            buffer = np.empty(piece.stop - piece.start)
-            if wait_for_message(self.comm, source=rank, tag=REPLY, timeout=self.reply_timeout) is None:
-                raise CommError(f"shard rank {rank} did not send its final parameters")
-            self.comm.Recv(buffer, source=rank, tag=REPLY)
-            flat[piece] = buffer
-        return flat
-
-    def take_counters(self) -> dict:
-        """Per-iteration counters of passes, portions and copies (and reset them)."""
-        taken = self.scheduler.take_counters()
-        for name in ("passes", "duplicate_gradients", "stale_gradients", "missing_portions"):
-            taken[name] = self.counters[name]
-        taken["accepted_gradients"] = list(self.gradients_by_shard)
-        taken["portions_per_pass"] = self.portions.count
-        self.counters = Counter()
-        self.gradients_by_shard = [0] * len(self.shards)
-        return taken
-
-    def stop_shards(self, payload: tuple) -> None:
-        self._to_shards(("stop", *payload))
+def __getattr__(name: str) -> Any:
+    """``ShardedWorkspace`` moved to `mpisgd.sandblaster.workspace`; the old module
+    (mpisgd.ps.sandblaster_coordinator, aliased to this one) held both."""
+    if name == "ShardedWorkspace":
+        from mpisgd.sandblaster.workspace import ShardedWorkspace
+        return ShardedWorkspace
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,18 +4,19 @@ and backup tasks, lost workers, bad input.
 The reference is computed here, independently of mpisgd: the same objective (mean cross-entropy of
 softmax regression + (wd/2)||W||^2, bias not penalized) in numpy, minimized by scipy's L-BFGS-B.
 
-Slow and frozen workers are made from outside the job: the test finds a worker's PID through the
-environment of the job's processes (a marker variable plus hydra's PMI_RANK) and SIGSTOPs/SIGCONTs it.
-A worker cannot be killed with a signal to test a dead one: MPICH's hydra then SIGKILLs every rank
-whatever the flags (see the docstring of mpisgd.sandblaster.job); the test instead makes a
-worker leave the job with an exit (the worker's test-only MPISGD_SANDBLASTER_TEST_EXIT) under
+Faults happen at a fixed point of the run, whatever the machine's load, through the worker's
+test-only hook MPISGD_SANDBLASTER_FAULT=<rank>:<n>:<action> (mpisgd.faults.sandblaster_fault), acting
+after the worker computed its n-th portion, before it reports it (i.e. in the middle of a pass):
+``straggle`` holds every portion from then on until its pass is over, so each one is won by a backup
+copy and every late copy races in after it; ``freeze`` SIGSTOPs the worker (a hung process, never
+continued: the job's abort takes it down); ``exit`` leaves the job with an exit. A worker cannot be
+killed with a signal to test a dead one: MPICH's hydra then SIGKILLs every rank whatever the flags
+(see the docstring of mpisgd.sandblaster.job); the exiting worker runs under
 `mpiexec -disable-auto-cleanup`.
 """
 
 import os
 import signal
-import threading
-import time
 import uuid
 
 import h5py
@@ -27,7 +28,7 @@ from scipy.optimize import minimize
 
 from mpisgd.checkpoint import load_checkpoint
 from mpisgd.data import make_classification_h5
-from mpisgd.faults import MARKER_VARIABLE, duty_cycle, pid_of_rank
+from mpisgd.faults import MARKER_VARIABLE, SANDBLASTER_FAULT_VARIABLE, pid_of_rank
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
 
@@ -152,41 +153,17 @@ def test_final_objective_matches_scipy(problem, tmp_path_factory, nprocs, server
         assert plot.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", plot.stdout
 
 
-def when_training_started(metrics_path, action, timeout=90.0):
-    """Run ``action`` in a thread once the job has logged its first iteration (imports are over)."""
-    def wait_then_act():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if metrics_path.exists() and metrics_path.stat().st_size > 0:
-                action()
-                return
-            time.sleep(0.02)
-    thread = threading.Thread(target=wait_then_act, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_straggler_gets_backup_tasks_and_changes_nothing(problem, tmp_path_factory, tmp_path):
     reference = baseline(4, 1, problem, tmp_path_factory)
-    marker, stop = uuid.uuid4().hex, threading.Event()
-    slowed = []
-
-    def slow_down():  # a 4x straggler: stopped 15 ms of every 20 ms, until the job ends
-        pid = pid_of_rank(marker, 3)
-        slowed.append(pid)
-        duty_cycle(pid, stop, stopped_s=0.015, running_s=0.005)
-
-    thread = when_training_started(tmp_path / "metrics.jsonl", slow_down)
-    try:
-        run = sandblaster(4, 1, problem, tmp_path, env={MARKER_VARIABLE: marker})
-    finally:
-        stop.set()
-        thread.join()
-    assert slowed and run.returncode == 0, run.stdout
+    # worker rank 3 holds each portion until its pass is over: a backup copy on rank 2 must win every one
+    run = sandblaster(4, 1, problem, tmp_path, env={SANDBLASTER_FAULT_VARIABLE: "3:1:straggle"})
+    assert run.returncode == 0, run.stdout
+    assert "lost worker" not in run.stdout, run.stdout  # held, not hung: it answers STOP at the end
     assert sum(r.get("backup_portions", 0) for r in run.iterations) > 0, "no backup task was issued"
     late_kinds = ("duplicate_results", "stale_results", "duplicate_gradients", "stale_gradients")
     late_copies = sum(r[k] for r in run.iterations for k in late_kinds)
     assert late_copies > 0, "no backup copy raced the original: the test did not exercise duplicates"
+    assert sum(r["computed_per_worker"]["3"] for r in run.iterations) > 0  # the straggler did compute
     assert_every_portion_counted_once(run, 1)
     assert len(run.iterations) == len(reference.iterations)
     for ours, theirs in zip(run.iterations, reference.iterations):
@@ -197,25 +174,16 @@ def test_straggler_gets_backup_tasks_and_changes_nothing(problem, tmp_path_facto
 
 def test_frozen_worker_is_left_behind_and_the_job_ends(problem, tmp_path):
     marker = uuid.uuid4().hex
-    frozen = []
-
-    def freeze():
-        pid = pid_of_rank(marker, 4)
-        os.kill(pid, signal.SIGSTOP)  # never continued: the job's abort has to take it down
-        frozen.append(pid)
-
-    thread = when_training_started(tmp_path / "metrics.jsonl", freeze)
-    try:
+    try:  # worker rank 4 SIGSTOPs itself in the middle of a pass, holding a portion
         run = sandblaster(5, 1, problem, tmp_path, "--worker-timeout", "2", "--no-backup-tasks",
-                          env={MARKER_VARIABLE: marker})
+                          env={MARKER_VARIABLE: marker, SANDBLASTER_FAULT_VARIABLE: "4:3:freeze"})
     finally:
-        thread.join()
-        for pid in frozen:  # in case the job did not end it
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert frozen and run.returncode == 0, run.stdout
+        try:  # in case the job did not end it
+            os.kill(pid_of_rank(marker, 4, timeout=0.5), signal.SIGKILL)
+        except (RuntimeError, ProcessLookupError):
+            pass
+    assert run.returncode == 0, run.stdout
+    assert "freezing (SIGSTOP) in the middle of pass" in run.stdout
     assert "lost worker rank(s) 4" in run.stdout
     assert abs(run.objective - problem["optimum"]) <= 1e-6 * problem["optimum"]
     assert checkpoint_objective(run, problem)[0] == pytest.approx(problem["optimum"], rel=1e-6)
@@ -227,7 +195,7 @@ def test_frozen_worker_is_left_behind_and_the_job_ends(problem, tmp_path):
 
 def test_worker_that_exits_mid_pass_is_survived(problem, tmp_path):
     run = sandblaster(4, 1, problem, tmp_path, "--worker-timeout", "2", "--max-iterations", "30", model="mlp",
-                      env={"MPISGD_SANDBLASTER_TEST_EXIT": "3:5"}, mpiexec_flags=["-disable-auto-cleanup"])
+                      env={SANDBLASTER_FAULT_VARIABLE: "3:5:exit"}, mpiexec_flags=["-disable-auto-cleanup"])
     assert run.returncode == 0, run.stdout
     assert "leaving the job in the middle of pass" in run.stdout and "lost worker rank(s) 3" in run.stdout
     objectives = [r["train_objective"] for r in run.iterations]

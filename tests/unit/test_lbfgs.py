@@ -2,7 +2,6 @@
 search and the optimizer on one process, each checked against an independent reference."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -178,7 +177,8 @@ def test_minimize_matches_scipy_on_softmax_regression():
 
 
 def test_minimize_rosenbrock_and_stops():
-    fun = lambda v: (rosen(v), rosen_der(v))
+    def fun(v):
+        return rosen(v), rosen_der(v)
     result = minimize(LocalWorkspace(fun, np.array([-1.2, 1.0, -0.5, 0.8])),
                       LBFGSSettings(history=10, gradient_tolerance=1e-7, objective_tolerance=0.0,
                                     max_iterations=500))
@@ -222,7 +222,7 @@ def gradient_message(pass_id, portion, values):
 
 
 def test_shard_adds_each_portion_exactly_once_in_id_order():
-    from mpisgd.sandblaster.protocol import PARAMETERS
+    from mpisgd.sandblaster.protocol import Tag
     from mpisgd.sandblaster.shard import VectorShard
 
     comm = RecordingComm()
@@ -232,7 +232,7 @@ def test_shard_adds_each_portion_exactly_once_in_id_order():
     shard._answer_pull(7, 1)  # before "begin" of pass 1 reached the shard: deferred, then answered
     assert comm.sent == []
     shard._command(("begin", 1, "x", []))
-    assert comm.sent[-1][1:] == (7, PARAMETERS) and comm.sent[-1][0][:2].tolist() == [1.0, 1.0]
+    assert comm.sent[-1][1:] == (7, Tag.PARAMETERS) and comm.sent[-1][0][:2].tolist() == [1.0, 1.0]
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(4) * 10.0 ** k for k in range(3)]
     for portion in (2, 0, 0, 1, 2):  # out of order, with two backup copies
@@ -275,12 +275,26 @@ def test_shard_refuses_a_portion_counted_twice_and_reports_missing_ones():
         shard._try_end()
 
 
+class SimulatedClock:
+    """Time that passes only when the code under test sleeps (or the test says so): deterministic."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
 class SimulatedWorkers:
-    """The coordinator's communicator, with workers simulated: ``delays[w]`` is how long worker w takes
-    per portion (None: it never answers); ``drop_first`` workers answer their first portion with ok=0
-    (a pass-over reply from a shard)."""
+    """The coordinator rank's communicator, with workers simulated on a simulated clock: ``delays[w]`` is
+    how long worker w takes per portion (None: it never answers); ``drop_first`` workers answer their
+    first portion with ok=0 (a pass-over reply from a shard)."""
 
     def __init__(self, delays, drop_first=()):
+        self.clock = SimulatedClock()
         self.delays, self.drop_first = delays, set(drop_first)
         self.inbox = []  # (ready at, worker, [pass, portion, loss, ok])
         self.busy_until = dict.fromkeys(delays, 0.0)
@@ -294,17 +308,17 @@ class SimulatedWorkers:
         pass_id, portion = message[0], message[1]
         ok = 0.0 if dest in self.drop_first else 1.0
         self.drop_first.discard(dest)
-        done = max(time.monotonic(), self.busy_until[dest]) + delay  # FIFO, one portion at a time
+        done = max(self.clock(), self.busy_until[dest]) + delay  # FIFO, one portion at a time
         self.busy_until[dest] = done
         self.inbox.append((done, dest, [pass_id, portion, float(portion) + 0.5, ok]))
 
     def _ready(self, source, tag):
         from mpi4py import MPI
 
-        from mpisgd.sandblaster.protocol import RESULT
-        now = time.monotonic()
+        from mpisgd.sandblaster.protocol import Tag
+        now = self.clock()
         for item in sorted(self.inbox):
-            if item[0] <= now and tag in (RESULT, MPI.ANY_TAG) and source in (item[1], MPI.ANY_SOURCE):
+            if item[0] <= now and tag in (Tag.RESULT, MPI.ANY_TAG) and source in (item[1], MPI.ANY_SOURCE):
                 return item
         return None
 
@@ -324,7 +338,8 @@ def scheduler(comm, **options):
     from mpisgd.sandblaster.protocol import Portions
     from mpisgd.sandblaster.scheduler import PortionScheduler
     settings = {"backup_tasks": True, "worker_timeout": 5.0, **options}
-    return PortionScheduler(comm, workers=(2, 3), portions=Portions(80, 10), **settings)
+    return PortionScheduler(comm, workers=(2, 3), portions=Portions(80, 10), clock=comm.clock,
+                            sleep=comm.clock.sleep, **settings)
 
 
 def test_scheduler_reissues_the_portions_of_a_silent_worker():
@@ -342,12 +357,13 @@ def test_scheduler_reissues_the_portions_of_a_silent_worker():
 def test_scheduler_backs_up_a_straggler_and_drops_the_late_copy():
     comm = SimulatedWorkers({2: 0.002, 3: 1.0})
     plan = scheduler(comm)
-    start = time.monotonic()
+    start = comm.clock()
     assert plan.run_pass(1, range(8)).keys() == set(range(8))
-    assert time.monotonic() - start < 0.8  # did not wait for the straggler's portions
+    assert comm.clock() - start < 0.8  # did not wait for the straggler's portions (1 s each)
     counters = plan.take_counters()
     assert counters["backup_portions"] >= 1 and counters["accepted_losses"] == 8
-    time.sleep(1.0)
+    assert counters["portions_per_worker"] == {"2": 8, "3": 0}  # every copy of the straggler's lost the race
+    comm.clock.sleep(1.0)
     plan.run_pass(2, range(8))  # the straggler's late answers to pass 1 arrive now: dropped as stale
     assert plan.take_counters()["stale_results"] >= 1
 
