@@ -61,14 +61,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpisgd import checkpoint as ckpt
 from mpisgd import faults, log
 from mpisgd.comm import Communicator
 from mpisgd.comm.abort import abort_world
@@ -84,7 +82,7 @@ from mpisgd.sandblaster.worker import PortionWorker
 from mpisgd.sandblaster.workspace import ShardedWorkspace
 from mpisgd.training.config import TrainConfig
 from mpisgd.training.layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
-from mpisgd.training.loop import Datasets, evaluate, open_datasets
+from mpisgd.training.loop import Datasets, checkpoint_metadata, evaluate, open_datasets, write_final_model
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +191,9 @@ def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLay
         if metrics and accuracy is not None:
             metrics.write(step=result.iterations, val_accuracy=accuracy)
         if cfg.checkpoint_dir:
-            Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            ckpt.save_checkpoint(Path(cfg.checkpoint_dir) / "final.h5", model_state=model.state_dict(),
-                                 extra={"step": result.iterations, "iterations": result.iterations,
-                                        "strategy": "sandblaster", "model": cfg.model,
-                                        "hidden": list(cfg.hidden), "input_shape": list(data.input_shape),
-                                        "num_classes": data.num_classes, "train_objective": result.objective,
-                                        "stopped": result.stopped})
+            write_final_model(cfg, model_state=model.state_dict(), extra=checkpoint_metadata(
+                cfg, comm, result.iterations, data, iterations=result.iterations,
+                train_objective=result.objective, stopped=result.stopped))
         summary = {"steps": result.iterations, "stopped": result.stopped, "message": result.message,
                    "val_accuracy": accuracy, "train_objective": result.objective,
                    "gradient_norm": result.gradient_max_norm,
