@@ -75,7 +75,9 @@ VARIABLES = {v.name: v for v in [
              "waits yield the CPU instead of spinning (auto: when ranks outnumber cores)"),
     Variable("MPISGD_SEGMENT_BYTES", _integer, "rhd/ring reduce what they receive in pieces of this size"),
     Variable("MPISGD_PS_IDLE_SLEEP", _seconds, "how long an idle parameter server sleeps between polls"),
-    Variable("MPISGD_FAULT", _text, "test-only fault injection (mpisgd/faults.py): rank:step:action[:seconds]"),
+    Variable("MPISGD_SANDBLASTER_FAULT", _text, "test-only (mpisgd/faults.py): rank:portion:exit|freeze|straggle"),
+    Variable("MPISGD_TEST_WORKER_FAULT", _text,
+             "test-only fault of a Downpour worker (mpisgd/faults.py): rank:step:action[:seconds]"),
 ]}
 
 

@@ -145,7 +145,7 @@ class ParameterClient:
         win.board.Flush(win.board_rank)
         return out
 
-    def write_board(self, offset: int, values: np.ndarray, *, read_offset: int | None = None,
+    def write_board(self, offset: int, values: np.ndarray, *, read_offset: int = 0,
                     read_into: np.ndarray | None = None) -> None:
         """Overwrite board values from ``offset`` (atomic per element); optionally read another range
         in the same round trip (a worker's heartbeat also fetches the header)."""

@@ -23,13 +23,23 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
 
+from mpisgd import environment
+from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.downpour.rules import UpdateRule
-from mpisgd.downpour.windows import CLAIMS, CONTROL_SLOTS, PUSHES, REJECTED, VERSION, ParameterServerWindows
-from mpisgd.errors import ConfigError
+from mpisgd.downpour.windows import (
+    CLAIMS,
+    CONTROL_SLOTS,
+    PUSHES,
+    REJECTED,
+    VERSION,
+    ParameterServerWindows,
+    window_array,
+)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
 SHARED_MEMORY_IDLE_SLEEP_S = 0.0005
@@ -40,23 +50,16 @@ def idle_sleep_for(*, remote_workers: bool) -> float:
     """How long an idle server sleeps between polls: 0 (only yield the CPU) when some worker reaches it
     over the network (``remote_workers``: a worker on another node, or MPICH told to use its network
     path on one node with MPIR_CVAR_NOLOCAL=1), else 0.5 ms. MPISGD_PS_IDLE_SLEEP=<seconds> overrides."""
-    override = os.environ.get(IDLE_SLEEP_VARIABLE)
+    override = environment.read(IDLE_SLEEP_VARIABLE)
     if override is not None:
-        try:
-            value = float(override)
-        except ValueError:
-            value = -1.0
-        if not value >= 0:
-            raise ConfigError(f"{IDLE_SLEEP_VARIABLE} must be a number of seconds >= 0, got {override!r}")
-        return value
+        return float(override)
     return 0.0 if network_path(remote_workers=remote_workers) else SHARED_MEMORY_IDLE_SLEEP_S
 
 
 def network_path(*, remote_workers: bool) -> bool:
     """True when some worker reaches this server over MPI's network path (a worker on another node,
     or MPIR_CVAR_NOLOCAL=1): its RMA operations then progress only while the server enters MPI."""
-    no_local = os.environ.get("MPIR_CVAR_NOLOCAL", "0").lower() not in ("0", "", "false", "no")
-    return remote_workers or no_local
+    return remote_workers or environment.mpi_uses_network_path()
 
 
 def lower_cpu_priority(niceness: int) -> None:
@@ -108,6 +111,8 @@ class ShardServer:
         self.rule = rule
         self.chunk = int(chunk_elements)
         self.idle_sleep_s = float(idle_sleep_s)
+        # a constant pause (first == longest): the server's reaction time is its workers' latency
+        self.backoff = Backoff(first=self.idle_sleep_s, longest=self.idle_sleep_s, spin=self.idle_sleep_s == 0)
         self._zeros = np.zeros(min(self.chunk, max(self.size, 1)), dtype=np.float32)
         self.taken = np.zeros(self.size, dtype=np.float32)
         self._counters = np.zeros(CONTROL_SLOTS, dtype=np.int64)
@@ -125,9 +130,8 @@ class ShardServer:
         zero its accumulation buffer and counters (the step claims start at ``claimed_steps`` when
         resuming). Window memory from Win.Allocate starts undefined."""
         self.params[:] = values
-        grads = self.windows.grads[self.shard].tomemory()
-        np.frombuffer(grads, dtype=np.float32)[:] = 0
-        control = np.frombuffer(self.windows.control.tomemory(), dtype=np.int64)
+        window_array(self.windows.grads[self.shard], np.float32)[:] = 0
+        control = window_array(self.windows.control, np.int64)
         control[:] = 0
         control[CLAIMS] = claimed_steps
         for win in (self.windows.params, self.windows.grads[self.shard], self.windows.control):
@@ -140,10 +144,21 @@ class ShardServer:
     def idle(self) -> None:
         """Nothing to do: poll MPI, then sleep ``idle_sleep_s`` (or just yield the CPU when it is 0)."""
         self.poll()
-        if self.idle_sleep_s > 0:
-            time.sleep(self.idle_sleep_s)
-        else:
-            os.sched_yield()
+        self.backoff.idle()
+
+    def serve_for(self, seconds: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        """Serve the shard for about ``seconds``: take and apply what is pushed, poll and pause (see
+        :meth:`idle`) whenever nothing is."""
+        deadline = clock() + seconds
+
+        def served_enough() -> bool:
+            while self.serve_once():
+                if clock() >= deadline:
+                    return True
+            self.poll()
+            return clock() >= deadline
+
+        wait_until(served_enough, backoff=self.backoff, clock=clock)
 
     def counters(self) -> np.ndarray:
         """This shard's counters (VERSION, PUSHES, REJECTED), read atomically."""

@@ -21,84 +21,49 @@ nothing expose 0 bytes):
   the shared-memory path and on the network path (MPIR_CVAR_NOLOCAL=1): run it on a new MPI.
   On shared memory that atomicity is a mutex in the window: a worker frozen (SIGSTOP, a debugger)
   in the microseconds it holds it stalls that shard's other accumulates until it runs again.
-- ``control``: per server, int64 counters (:data:`VERSION`, :data:`PUSHES`, :data:`REJECTED`, and on
-  shard 0 :data:`CLAIMS`), only ever changed with SUM and read with NO_OP, so every access is atomic
+- ``control``: per server, int64 counters (:class:`Counter`: VERSION, PUSHES, REJECTED, and on
+  shard 0 CLAIMS), only ever changed with SUM and read with NO_OP, so every access is atomic
   under the standard's rules.
-- ``board``: on server 0, float64: a header (:class:`BoardLayout`: phase, stop reason, warm-start gate,
-  exit code) written by server 0, and one row per worker (heartbeat, steps, pushes, non-finite
-  gradients, state, loss sums, staleness histogram, model buffers such as batch-norm statistics)
-  written only by that worker with ``Accumulate(REPLACE)``, read with ``Get_accumulate(NO_OP)``.
+- ``board``: on server 0, float64, sized by :class:`~mpisgd.downpour.board.BoardLayout`: the job board
+  (header written by server 0, one row per worker written only by that worker), written with
+  ``Accumulate(REPLACE)`` and read with ``Get_accumulate(NO_OP)``; what it holds is
+  :mod:`mpisgd.downpour.board`'s business.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
+from mpisgd.downpour.board import BoardLayout
 from mpisgd.training.layout import Roles, ShardLayout
 
-# ---- control counters of each server (int64) ------------------------------------------------------
-VERSION = 0  #: updates applied to the shard
-PUSHES = 1  #: pushes received (each worker push adds one)
-REJECTED = 2  #: updates rejected because the pushed sum held NaN/Inf
-CLAIMS = 3  #: on shard 0: training steps claimed by the workers (the job's step budget is shared)
-CONTROL_SLOTS = 4
 
-# ---- phases of the job, in the board header ---------------------------------------------------------
-TRAINING, STOPPING, DRAINING, FINISHED = 0.0, 1.0, 2.0, 3.0
+class Counter(IntEnum):
+    """Slots of each server's control counters (int64)."""
 
-# ---- worker states, in each worker's row ------------------------------------------------------------
-RUNNING, DONE, FAILED = 0.0, 1.0, 2.0
-
-STALENESS_BINS = 32  #: staleness 0..30, and 31 or more in the last bin
+    VERSION = 0  #: updates applied to the shard
+    PUSHES = 1  #: pushes received (each worker push adds one)
+    REJECTED = 2  #: updates rejected because the pushed sum held NaN/Inf
+    CLAIMS = 3  #: on shard 0: training steps claimed by the workers (the job's step budget is shared)
 
 
-@dataclass(frozen=True)
-class BoardLayout:
-    """Offsets in server 0's board window (float64 elements)."""
+CONTROL_SLOTS = len(Counter)
+VERSION, PUSHES, REJECTED, CLAIMS = Counter.VERSION, Counter.PUSHES, Counter.REJECTED, Counter.CLAIMS
 
-    num_workers: int
-    buffer_size: int = 0  # float model buffers each worker publishes (batch-norm running statistics)
-
-    # header
-    PHASE = 0
-    STOP_REASON = 1  # index into STOP_REASONS
-    WARM_OPEN = 2  # 1 once the warm-start replica has pushed enough
-    EXIT_CODE = 3
-    CHECKPOINT_REQUESTS = 4  # server 0 counts up; every server then hands in its shard
-    ABORT = 5  # 1: the job ends with MPI_Abort (a worker never finished)
-    HEADER = 8
-    # row fields
-    HEARTBEAT = 0  # incremented by the worker at every report: its liveness
-    STEPS = 1
-    ROW_PUSHES = 2
-    NONFINITE = 3  # gradients with NaN/Inf the worker did not push
-    STATE = 4  # RUNNING, DONE or FAILED
-    LOSS_SUM = 5
-    LOSS_COUNT = 6
-    FAILED_STEP = 7
-    HISTOGRAM = 8  # STALENESS_BINS counts follow
-
-    @property
-    def buffers_offset(self) -> int:
-        return self.HISTOGRAM + STALENESS_BINS
-
-    @property
-    def row_size(self) -> int:
-        return self.buffers_offset + self.buffer_size
-
-    @property
-    def size(self) -> int:
-        return self.HEADER + self.num_workers * self.row_size
-
-    def row(self, worker_index: int) -> int:
-        """Offset of worker ``worker_index``'s row."""
-        return self.HEADER + worker_index * self.row_size
+#: what the board holds moved to mpisgd.downpour.board; still importable from here
+_MOVED_TO_BOARD = ("TRAINING", "STOPPING", "DRAINING", "FINISHED", "RUNNING", "DONE", "FAILED", "STALENESS_BINS",
+                   "STOP_REASONS")
 
 
-STOP_REASONS = ("epochs", "max_steps", "target_accuracy", "nonfinite", "no_workers")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_BOARD:
+        from mpisgd.downpour import board
+        return getattr(board, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _allocate(comm: MPI.Intracomm, count: int, dtype, info: dict | None = None) -> MPI.Win:
@@ -111,9 +76,12 @@ def _allocate(comm: MPI.Intracomm, count: int, dtype, info: dict | None = None) 
             mpi_info.Free()
 
 
-def _view(win: MPI.Win, dtype) -> np.ndarray:
+def window_array(win: MPI.Win, dtype: type) -> np.ndarray:
+    """This rank's own memory of window ``win`` as a numpy array (a view: stores need ``win.Sync()``)."""
     memory = win.tomemory()
-    return np.frombuffer(memory, dtype=dtype) if len(memory) else np.zeros(0, dtype=dtype)
+    if not len(memory):
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(memory, dtype=dtype)  # type: ignore[call-overload]  # mpi4py's buffer has no stub
 
 
 class ParameterServerWindows:
@@ -166,7 +134,14 @@ class ParameterServerWindows:
         self._check()
         if self.shard is None:
             raise RuntimeError("only a server rank holds a shard")
-        return _view(self.params, np.float32)
+        return window_array(self.params, np.float32)
+
+    def local_board(self) -> np.ndarray:
+        """Server 0's board memory (float64), for the board to initialize before any RMA access."""
+        self._check()
+        if self.shard != 0:
+            raise RuntimeError("only server 0 holds the board")
+        return window_array(self.board, np.float64)
 
     def sync_local(self) -> None:
         """Make local stores to window memory visible to RMA readers (MPI_Win_sync)."""

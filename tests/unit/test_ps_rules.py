@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpisgd.downpour.rules import AdagradRule, DelayCompensation, SGDRule, make_rule
+from mpisgd.downpour.delay_compensation import DelayCompensation
+from mpisgd.downpour.rules import AdagradRule, SGDRule, make_rule
 from mpisgd.errors import ConfigError
 
 G = np.array([0.5, -2.0, 0.0, 4.0], dtype=np.float32)

@@ -1,0 +1,195 @@
+"""A Downpour worker: one model replica running Downpour's client loop (Dean et al. 2012, 'Downpour SGD
+client'): pull every ``--n-fetch`` steps, compute a gradient, accrue it, take a local SGD step between
+fetches, push the accrued gradient every ``--n-push`` steps (DC-ASGD: compensated for its delay first).
+
+The worker claims each training step from the job's shared budget, reports to the board after every
+step (its heartbeat, with the header read back in the same round trip) and stops when the budget is
+used up, at ``--max-steps``, or when the coordinator's phase says so. An exception in the loop is
+reported (state FAILED) and survived: the job goes on without this replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mpisgd import faults
+from mpisgd.comm.wait import Backoff, wait_until
+from mpisgd.downpour.board import BoardHeader, Phase, RowField, WorkerReport, WorkerState
+from mpisgd.downpour.client import NonFinitePushError
+from mpisgd.downpour.context import JobContext
+from mpisgd.downpour.delay_compensation import DelayCompensation
+
+logger = logging.getLogger(__name__)
+
+REPORT_WHILE_WAITING_S = 0.01  # waiting workers (warm start, end of job) report this often
+
+
+def _endless(train: Iterable) -> Iterator:
+    """Batches of the worker's data shard, epoch after epoch (the position advances as they are taken)."""
+    while True:
+        yield from train
+
+
+class Worker:
+    """One model replica of the job ``job``; :meth:`run` trains and returns the job's outcome."""
+
+    def __init__(self, job: JobContext, *, fault: Optional[faults.WorkerFault] = None) -> None:
+        self.job, self.cfg, self.client, self.board = job, job.cfg, job.client, job.board
+        self.index = job.roles.worker_index(job.comm.rank)
+        worker_steps = job.resumed.get("worker_steps") or []
+        if len(worker_steps) == job.num_workers:
+            self.step = worker_steps[self.index]
+        else:  # resumed with another number of workers: the same amount of data behind each of them
+            self.step = sum(worker_steps) // job.num_workers if worker_steps else 0
+        train = job.data.train
+        train.epoch, train.batch = divmod(self.step, train.num_batches)
+        n = job.layout.num_params
+        # the model's parameters are views into one flat vector, which pulls overwrite in place
+        self.pulled = np.zeros(n, dtype=np.float32)
+        if job.device == "cpu":
+            self.flat = torch.from_numpy(self.pulled)
+        else:
+            self.flat = torch.zeros(n, device=job.device)
+        offset = 0
+        for p in job.model.parameters():
+            p.data = self.flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.params = list(job.model.parameters())
+        self.grads = np.zeros(n, dtype=np.float32)
+        self.accrued = np.zeros(n, dtype=np.float32)
+        self.accrued_steps = 0
+        self.compensation: Optional[DelayCompensation] = None
+        if self.cfg.strategy == "dcasgd":
+            self.compensation = DelayCompensation(n, lam=self.cfg.dc_lambda, variant=self.cfg.dc_variant,
+                                                  momentum=self.cfg.dc_momentum)
+            # w_reference: the parameters this push's gradient was computed at (the Taylor point)
+            self.w_reference, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+            self.compensated = np.zeros(n, dtype=np.float32)
+        self.row = WorkerReport(job.board.layout, self.index, steps=self.step)
+        self.header = BoardHeader()
+        self.fault = fault
+
+    # ---- the board ----------------------------------------------------------------------------
+    def report(self) -> BoardHeader:
+        """Write this worker's row (its heartbeat, batch-norm statistics included) and read the header."""
+        if self.job.buffers:
+            self.row.set_buffers(np.concatenate([b.detach().reshape(-1).cpu().numpy()
+                                                 for b in self.job.buffers]))
+        return self.board.report(self.row, self.header)
+
+    def report_until(self, done: Any) -> BoardHeader:
+        """Keep reporting (the coordinator must go on seeing this worker alive) until ``done(header)``."""
+        wait_until(lambda: done(self.report()), what="the coordinator",
+                   backoff=Backoff(first=REPORT_WHILE_WAITING_S, longest=REPORT_WHILE_WAITING_S))
+        return self.header
+
+    # ---- parameters and gradients --------------------------------------------------------------
+    def pull_parameters(self) -> None:
+        self.client.pull_parameters(self.pulled)
+        if self.job.device != "cpu":
+            self.flat.copy_(torch.from_numpy(self.pulled))
+
+    def push_gradients(self) -> None:
+        gradient = self.accrued
+        if self.compensation is not None:  # w_now: a fresh pull right before the push
+            self.client.pull_parameters(self.w_now, as_reference=False)
+            gradient = self.compensation.compensate(self.accrued, self.w_now, self.w_reference,
+                                                    out=self.compensated)
+        try:
+            staleness = self.client.push_gradients(gradient)
+            self.row.add(RowField.PUSHES)
+            self.row.count_staleness(staleness)
+        except NonFinitePushError:  # a finite gradient can still compensate to Inf: never pushed, counted
+            self.row.add(RowField.NONFINITE)
+        self.accrued[:] = 0
+        self.accrued_steps = 0
+
+    def compute_gradient(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Into self.grads (weight decay included); returns the loss."""
+        x, y = x.to(self.job.device), y.to(self.job.device)
+        loss = F.cross_entropy(self.job.model(x), y)
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        self.grads[:] = torch.cat([p.grad.reshape(-1) for p in self.params if p.grad is not None]) \
+            .detach().cpu().numpy()
+        if self.cfg.weight_decay:
+            self.grads += np.float32(self.cfg.weight_decay) * self.pulled
+        return float(loss.detach())
+
+    def accrue(self, loss: float) -> None:
+        """Add this step's (finite) gradient to what the next push sends; Downpour's local step."""
+        if self.compensation is not None and self.accrued_steps == 0:
+            # with --n-fetch > 1 the worker has stepped locally since its pull: the gradient was
+            # computed here, not at the pulled parameters (later ones of an --n-push accrual at nearby
+            # points)
+            self.w_reference[:] = self.pulled
+        self.accrued += self.grads
+        self.accrued_steps += 1
+        if self.cfg.n_fetch > 1:  # Downpour's local step between fetches
+            self.pulled -= np.float32(self.cfg.lr) * self.grads
+            if self.job.device != "cpu":
+                self.flat.copy_(torch.from_numpy(self.pulled))
+        self.row.add(RowField.LOSS_SUM, loss)
+        self.row.add(RowField.LOSS_COUNT)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self, header: BoardHeader) -> WorkerState:
+        """Train until the job's step budget is used up, --max-steps, or the coordinator says stop;
+        returns the state to report (DONE or FAILED)."""
+        cfg = self.cfg
+        budget = self.job.step_budget
+        for x, y in _endless(self.job.data.train):
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                break
+            if header.phase != Phase.TRAINING or self.client.claim_step() >= budget:
+                break
+            if self.step % cfg.n_fetch == 0:
+                self.pull_parameters()
+            loss = self.compute_gradient(x, y)
+            self.step += 1
+            if self.fault and self.fault.corrupts_gradient(self.step):
+                self.grads[0] = np.nan
+            if np.isfinite(self.grads).all():
+                self.accrue(loss)
+            else:
+                self.row.add(RowField.NONFINITE)
+                if cfg.on_nonfinite == "stop":
+                    logger.error("step %d: non-finite gradient; this worker stops and the job with it "
+                                 "(use --on-nonfinite skip to skip such steps)", self.step)
+                    self.row.set(RowField.FAILED_STEP, self.step)
+                    self.row.set(RowField.STEPS, self.step)
+                    return WorkerState.FAILED
+            if self.step % cfg.n_push == 0 and self.accrued_steps:
+                self.push_gradients()
+            self.row.set(RowField.STEPS, self.step)
+            header = self.report()
+            if self.fault and self.fault.strike(self.step):
+                break
+        if self.accrued_steps:
+            self.push_gradients()
+        return WorkerState.DONE
+
+    def run(self) -> dict:
+        """Wait for the warm start (workers after the first), train, report the end, and wait until
+        the coordinator has finished the job; returns the job's outcome as the board tells it."""
+        header = self.report()
+        if self.index > 0:  # warm start: the first replica trains alone
+            header = self.report_until(lambda h: h.warm_open or h.phase != Phase.TRAINING)
+        try:
+            state = self.train(header)
+        except Exception:  # noqa: BLE001 -- a failing worker must not take the job down: report it, leave
+            logger.exception("worker failed; the job goes on without it")
+            self.row.set(RowField.FAILED_STEP, self.step)
+            state = WorkerState.FAILED
+        self.row.set(RowField.STEPS, self.step)
+        self.row.set(RowField.STATE, state)
+        header = self.report_until(lambda h: h.phase == Phase.FINISHED)
+        return {"steps": self.step, "stopped": header.stop_reason.label, "exit_code": header.exit_code,
+                "abort": header.abort}
