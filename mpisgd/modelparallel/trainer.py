@@ -1,0 +1,167 @@
+"""``mpisgd train`` with model parallelism: the CLI's entry point, ``train_model_parallel(cfg, comm)``.
+
+It reads the common settings (model, hidden, data, val, batch_size per *replica*, lr, weight_decay,
+epochs, max_steps, seed, checkpoint_dir, resume, log_every) and the model-parallel ones of
+:class:`ModelParallelSettings` (``cfg.stages``, ``cfg.micro_batches``, ``cfg.pipeline_schedule``,
+``cfg.balance``, ``cfg.tensor_parallel``; defaults where the config has no such setting yet). Each
+replica reads its own shard of the data (every rank of a replica the same batches); plain SGD with
+``cfg.momentum`` (0.9 when absent) steps on each rank's sub-module. Checkpoints use the unsplit
+model's names, so a run can resume at another number of stages, or be evaluated unsplit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from mpisgd import checkpoint as ckpt
+from mpisgd.comm import Communicator
+from mpisgd.errors import ConfigError, SharedConfigError
+from mpisgd.modelparallel.model_parallel import ModelParallel
+from mpisgd.modelparallel.partition import BALANCES
+from mpisgd.modelparallel.schedules import SCHEDULES
+from mpisgd.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelParallelSettings:
+    """The flags ``--stages K --micro-batches M --pipeline-schedule gpipe|1f1b --balance ...
+    --tensor-parallel T``; validated on construction (the same on every rank)."""
+
+    stages: int = 1
+    micro_batches: int = 1
+    pipeline_schedule: str = "gpipe"
+    balance: Union[str, tuple] = "params"  # or layers per stage, e.g. (2, 3)
+    tensor_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("stages", "micro_batches", "tensor_parallel"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.pipeline_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown pipeline schedule {self.pipeline_schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if isinstance(self.balance, str) and self.balance not in BALANCES:
+            raise ConfigError(f"unknown balance {self.balance!r}; valid: {', '.join(BALANCES)} or layer counts")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelParallelSettings:
+        """The settings of ``cfg`` by name (missing names: the defaults)."""
+        values = {}
+        for f in fields(cls):
+            try:
+                values[f.name] = getattr(cfg, f.name)
+            except AttributeError:
+                continue
+        if isinstance(values.get("balance"), str) and "," in values["balance"]:
+            values["balance"] = tuple(int(n) for n in values["balance"].split(","))
+        return cls(**values)
+
+
+def _setting(cfg: Any, name: str, default: Any) -> Any:
+    try:
+        return getattr(cfg, name)
+    except AttributeError:
+        return default
+
+
+def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
+    """Train per ``cfg`` with the model split across ranks; returns a summary (identical on every rank)."""
+    from mpisgd.training.loop import open_datasets  # the data layer of the other strategies, shared
+
+    settings = ModelParallelSettings.from_config(cfg)
+    if _setting(cfg, "device", "cpu") != "cpu":
+        raise SharedConfigError("model parallelism runs on the CPU for now (activations travel through host memory)")
+    per_replica = settings.stages * settings.tensor_parallel
+    replicas = comm.size // per_replica if comm.size % per_replica == 0 else 1
+    replica = comm.rank // per_replica
+    data = open_datasets(cfg, comm, rank=replica, size=replicas)
+    train, val = data.train, data.val
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, seed=cfg.seed)
+    mp = ModelParallel(model, stages=settings.stages, micro_batches=settings.micro_batches,
+                       schedule=settings.pipeline_schedule, balance=settings.balance,
+                       tensor_parallel=settings.tensor_parallel, comm=comm)
+    optimizer = (torch.optim.SGD(mp.module.parameters(), lr=cfg.lr, momentum=_setting(cfg, "momentum", 0.9),
+                                 weight_decay=cfg.weight_decay) if mp.has_parameters else None)
+    step = 0
+    if cfg.resume:
+        step = _resume(cfg, comm, mp, optimizer, train)
+    summary: dict[str, Any] = {"steps": step, "stopped": "epochs", "val_accuracy": None, "stages": mp.stages,
+                               "replicas": mp.replicas, "tensor_parallel": mp.splits,
+                               "global_batch": cfg.batch_size * mp.replicas, "layers_per_stage": list(mp.layer_counts)}
+    max_steps = _setting(cfg, "max_steps", None)
+    started, loss = time.perf_counter(), float("nan")
+
+    def save(tag: Optional[str] = None) -> None:
+        if cfg.checkpoint_dir:
+            if comm.rank == 0:
+                Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            comm.barrier()
+            path = Path(cfg.checkpoint_dir) / f"{tag}.h5" if tag else ckpt.checkpoint_path(cfg.checkpoint_dir, step)
+            mp.save_checkpoint(path, optimizer, extra={"step": step, "strategy": "modelparallel",
+                                                       "data_position": train.state_dict(), "model": cfg.model,
+                                                       "hidden": list(cfg.hidden), "num_classes": data.num_classes,
+                                                       "input_shape": list(data.input_shape)})
+
+    try:
+        while train.epoch < cfg.epochs and not (max_steps is not None and step >= max_steps):
+            for x, y in train:
+                if len(x) % settings.micro_batches:  # a short last batch every replica has: skipped by all
+                    continue
+                if optimizer is not None:
+                    optimizer.zero_grad()
+                loss = mp.train_replica_step(x, y, F.cross_entropy)
+                if optimizer is not None:
+                    optimizer.step()
+                step += 1
+                if step % _setting(cfg, "log_every", 10) == 0 and comm.rank == 0:
+                    logger.info("step %d: loss %.4f", step, loss)
+                if max_steps is not None and step >= max_steps:
+                    summary["stopped"] = "max_steps"
+                    break
+            if val is not None:
+                summary["val_accuracy"] = evaluate(mp, val, comm)
+            if train.batch == 0:
+                save()
+    finally:
+        summary["wall_time_s"] = time.perf_counter() - started
+    summary.update(steps=step, train_loss=loss)
+    save()
+    save("final")
+    mp.free()
+    return summary
+
+
+def evaluate(mp: ModelParallel, val: Any, comm: Communicator) -> float:
+    """Validation accuracy: each replica scores its shard through the pipeline; one sum at the end."""
+    counts = np.zeros(2)
+    for x, y in val.iter_evaluation():
+        output = mp.predict(x)
+        if output is not None and mp.split == 0:
+            counts += (int((output.argmax(dim=1) == y).sum()), len(y))
+    comm.mpi.Allreduce(MPI.IN_PLACE, counts)
+    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def _resume(cfg: Any, comm: Communicator, mp: ModelParallel, optimizer: Optional[torch.optim.Optimizer],
+            train: Any) -> int:
+    """Load the latest checkpoint (written at any K or T) on every rank; returns its step."""
+    path = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+    comm.raise_together(None if path else ConfigError(f"--resume: no checkpoint in {cfg.checkpoint_dir}"))
+    assert path is not None
+    sections = mp.load_checkpoint(path, optimizer)
+    saved_replicas = sections["extra"].get("model_parallel", {}).get("replicas", mp.replicas)
+    if saved_replicas != mp.replicas:  # other shards now: the epoch restarts (the model and optimizer are exact)
+        logger.warning("resuming with %d replicas instead of %d: the data position restarts its epoch",
+                       mp.replicas, saved_replicas)
+    train.load_state_dict(sections["extra"]["data_position"], strict=saved_replicas == mp.replicas)
+    return int(sections["extra"]["step"])
