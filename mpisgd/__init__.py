@@ -23,6 +23,7 @@ _LAZY = {
     "AllreduceConfig": "mpisgd.comm", "Communicator": "mpisgd.comm", "get_communicator": "mpisgd.comm",
     "DistributedOptimizer": "mpisgd.sync.optimizer", "broadcast_parameters": "mpisgd.sync.optimizer",
     "broadcast_optimizer_state": "mpisgd.sync.optimizer", "NonFiniteGradientError": "mpisgd.sync.optimizer",
+    "ModelParallel": "mpisgd.modelparallel",
 }
 
 
@@ -68,6 +69,6 @@ def broadcast_(x: Any, root: int = 0, *, comm: Any = None) -> Any:
     return _comm(comm).broadcast_(x, root)
 
 
-__all__ = ["AllreduceConfig", "CommError", "Communicator", "ConfigError", "DistributedOptimizer", "MpisgdError",
-           "NonFiniteGradientError", "__version__", "allreduce", "allreduce_", "allreduce_many_", "broadcast_",
+__all__ = ["AllreduceConfig", "CommError", "Communicator", "ConfigError", "DistributedOptimizer", "ModelParallel",
+           "MpisgdError", "NonFiniteGradientError", "__version__", "allreduce", "allreduce_", "allreduce_many_", "broadcast_",
            "broadcast_optimizer_state", "broadcast_parameters", "get_communicator"]

@@ -25,6 +25,7 @@ from mpi4py import MPI
 from mpisgd import checkpoint as ckpt
 from mpisgd.comm import Communicator
 from mpisgd.errors import ConfigError, SharedConfigError
+from mpisgd.modelparallel.grid import GridShape
 from mpisgd.modelparallel.model_parallel import ModelParallel
 from mpisgd.modelparallel.partition import BALANCES
 from mpisgd.modelparallel.schedules import SCHEDULES
@@ -81,8 +82,11 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
     settings = ModelParallelSettings.from_config(cfg)
     if _setting(cfg, "device", "cpu") != "cpu":
         raise SharedConfigError("model parallelism runs on the CPU for now (activations travel through host memory)")
+    if cfg.batch_size % settings.micro_batches:
+        raise SharedConfigError(f"--batch-size {cfg.batch_size} is not divisible by --micro-batches "
+                                f"{settings.micro_batches}")
     per_replica = settings.stages * settings.tensor_parallel
-    replicas = comm.size // per_replica if comm.size % per_replica == 0 else 1
+    replicas = GridShape(comm.size, settings.stages, settings.tensor_parallel).replicas  # refuses a bad world
     replica = comm.rank // per_replica
     data = open_datasets(cfg, comm, rank=replica, size=replicas)
     train, val = data.train, data.val
@@ -90,11 +94,17 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
     mp = ModelParallel(model, stages=settings.stages, micro_batches=settings.micro_batches,
                        schedule=settings.pipeline_schedule, balance=settings.balance,
                        tensor_parallel=settings.tensor_parallel, comm=comm)
-    optimizer = (torch.optim.SGD(mp.module.parameters(), lr=cfg.lr, momentum=_setting(cfg, "momentum", 0.9),
-                                 weight_decay=cfg.weight_decay) if mp.has_parameters else None)
+    from mpisgd.sync.trainer import build_optimizer_and_schedule  # the same recipe as unsplit sync SGD
+
+    optimizer, scheduler = None, None
+    if mp.has_parameters:
+        optimizer, scheduler, _ = build_optimizer_and_schedule(cfg, mp.module, cfg.batch_size * mp.replicas,
+                                                               train.num_batches)
     step = 0
     if cfg.resume:
         step = _resume(cfg, comm, mp, optimizer, train)
+        for _ in range(step if scheduler is not None else 0):  # the schedule is a function of the step alone
+            scheduler.step()
     summary: dict[str, Any] = {"steps": step, "stopped": "epochs", "val_accuracy": None, "stages": mp.stages,
                                "replicas": mp.replicas, "tensor_parallel": mp.splits,
                                "global_batch": cfg.batch_size * mp.replicas, "layers_per_stage": list(mp.layer_counts)}
@@ -122,6 +132,7 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
                 loss = mp.train_replica_step(x, y, F.cross_entropy)
                 if optimizer is not None:
                     optimizer.step()
+                    scheduler.step()
                 step += 1
                 if step % _setting(cfg, "log_every", 10) == 0 and comm.rank == 0:
                     logger.info("step %d: loss %.4f", step, loss)

@@ -60,8 +60,34 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torc
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def build_optimizer_and_schedule(cfg: TrainConfig, model: torch.nn.Module, global_batch: int,
+                                 steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any, float]:
+    """Goyal et al.'s recipe: the optimizer at the lr scaled linearly to ``global_batch``, and the
+    per-iteration warm-up + decay schedule. Returns (optimizer, scheduler, scaled lr); model-parallel
+    replicas use it too, so a split run follows the same recipe as an unsplit one."""
+    k = linear_scaling_factor(global_batch, cfg.reference_batch)
+    lr = scaled_lr(cfg.lr, global_batch, cfg.reference_batch)
+    optimizer = build_optimizer(cfg, model, lr)
+    start_factor = cfg.warmup_start_factor or min(1.0, 1.0 / k)
+    scheduler: Any = make_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                                    warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule,
+                                    milestones=cfg.milestones, gamma=cfg.gamma,
+                                    warmup_start_factor=start_factor if cfg.warmup_epochs > 0 else None)
+    if cfg.optimizer == "lars":  # LARS keeps the lr inside its momentum buffer (Goyal et al. §2.2)
+        scheduler = MomentumCorrectedScheduler(scheduler)
+    return optimizer, scheduler, lr
+
+
 def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
-    """Train per ``cfg`` on all ranks of ``comm``; returns a summary (identical on every rank)."""
+    """Train per ``cfg`` on all ranks of ``comm``; returns a summary (identical on every rank).
+
+    With ``--stages`` or ``--tensor-parallel`` above 1 each replica is split over several ranks
+    (DistBelief model parallelism, :mod:`mpisgd.modelparallel`), and the replicas average each stage's
+    gradients among themselves.
+    """
+    if cfg.stages > 1 or cfg.tensor_parallel > 1:
+        from mpisgd.modelparallel.trainer import train_model_parallel
+        return train_model_parallel(cfg, comm)
     device = select_device(comm.local_rank, comm.local_size, want_gpu=cfg.device == "cuda",
                            share_gpus=cfg.share_gpus)
     data = open_datasets(cfg, comm, rank=comm.rank, size=comm.size)
@@ -70,16 +96,7 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
     broadcast_parameters(model, comm=comm)
 
     global_batch = cfg.batch_size * comm.size
-    k = linear_scaling_factor(global_batch, cfg.reference_batch)
-    lr = scaled_lr(cfg.lr, global_batch, cfg.reference_batch)
-    optimizer = build_optimizer(cfg, model, lr)
-    start_factor = cfg.warmup_start_factor or min(1.0, 1.0 / k)
-    scheduler: Any = make_scheduler(optimizer, steps_per_epoch=train.num_batches, epochs=cfg.epochs,
-                               warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule,
-                               milestones=cfg.milestones, gamma=cfg.gamma,
-                               warmup_start_factor=start_factor if cfg.warmup_epochs > 0 else None)
-    if cfg.optimizer == "lars":  # LARS keeps the lr inside its momentum buffer (Goyal et al. §2.2)
-        scheduler = MomentumCorrectedScheduler(scheduler)
+    optimizer, scheduler, lr = build_optimizer_and_schedule(cfg, model, global_batch, train.num_batches)
     dist_opt = DistributedOptimizer(optimizer, model.named_parameters(), comm=comm, algorithm=cfg.algorithm)
 
     step = 0

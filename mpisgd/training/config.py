@@ -59,6 +59,16 @@ def positive_or_none(value: Any) -> Optional[str]:
     return None if value is None else positive(value)
 
 
+def _balance_problem(value: Any) -> Optional[str]:
+    if value in ("params", "time", "uniform"):
+        return None
+    try:
+        counts = _ints(value)
+    except ValueError:
+        counts = ()
+    return None if counts and min(counts) > 0 else f"must be params, time, uniform or layer counts, got {value!r}"
+
+
 def fraction_or_none(value: Any) -> Optional[str]:
     return None if value is None or 0 < value <= 1 else f"must be in (0, 1], got {value}"
 
@@ -166,6 +176,15 @@ class SyncConfig(_Section):
     trust_coefficient: float = _opt(0.001, "LARS trust coefficient", check=non_negative)
     algorithm: str = _opt("auto", "all-reduce algorithm",
                           choices=_owned("mpisgd.comm.communicator", "ALGORITHM_NAMES"))
+    # DistBelief model parallelism (mpisgd.modelparallel): one replica over stages x splits of ranks
+    stages: int = _opt(1, "pipeline stages per model replica (1: no model parallelism)", check=positive)
+    micro_batches: int = _opt(1, "micro-batches per step in the pipeline (at least --stages)", check=positive)
+    pipeline_schedule: str = _opt("gpipe", "pipeline schedule: gpipe (all forward, then all backward) or 1f1b",
+                                  choices=_owned("mpisgd.modelparallel.schedules", "SCHEDULES"))
+    balance: str = _opt("params", "how layers are cut into stages: params, time, uniform, or layers per "
+                        "stage, e.g. 2,3", check=lambda v: _balance_problem(v))
+    tensor_parallel: int = _opt(1, "ranks each Linear of a stage is split over (by output features)",
+                                check=positive)
 
 
 @dataclass(frozen=True)
