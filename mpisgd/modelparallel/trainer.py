@@ -96,7 +96,8 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
                        tensor_parallel=settings.tensor_parallel, comm=comm)
     from mpisgd.sync.trainer import build_optimizer_and_schedule  # the same recipe as unsplit sync SGD
 
-    optimizer, scheduler = None, None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None
     if mp.has_parameters:
         optimizer, scheduler, _ = build_optimizer_and_schedule(cfg, mp.module, cfg.batch_size * mp.replicas,
                                                                train.num_batches)

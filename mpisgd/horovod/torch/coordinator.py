@@ -1,0 +1,250 @@
+"""The background coordinator: owns every message of mpisgd.horovod, as Horovod's background thread does.
+
+User threads submit operations and get handles; a *cycle* sends this rank's newly submitted
+operations to every rank (one nonblocking allgather of a small fixed-size slot per rank; a second,
+variable-size one only when some rank's message does not fit), lets the identical negotiators
+decide, and runs the agreed responses in the agreed order, fused. The background thread runs cycles
+while nobody waits (asynchronous progress during backward), pausing HOROVOD_CYCLE_TIME between idle
+ones; a thread that waits in ``synchronize`` runs the cycles itself (no hand-off between threads on
+the latency path). Cycles are serialized by one lock, so MPI sees one caller at a time. Waits are
+nonblocking tests with a polite backoff (:mod:`mpisgd.comm.wait`), so ``shutdown`` always gets through.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from mpisgd.comm import Communicator
+from mpisgd.comm.wait import Backoff, wait_until
+from mpisgd.horovod.torch.basics import HorovodInternalError, Settings
+from mpisgd.horovod.torch.executor import Executor, Operation
+from mpisgd.horovod.torch.negotiation import Message, Negotiator, fusion_plan
+from mpisgd.horovod.torch.process_sets import ProcessSetTable
+
+logger = logging.getLogger(__name__)
+
+SLOT_BYTES = 2048  # per rank and cycle; larger messages take a second, variable-size round
+HEADER = 8
+IDLE_DOUBLINGS = 4  # idle oversubscribed ranks pause up to 16 cycle times
+GATHER_CYCLES = 8  # the longest a background cycle waits for a stream of submissions to pause
+SPIN_S = 2e-4  # poll without pausing this long first: a small collective completes within it
+SHUT_DOWN = "Horovod has been shut down. This was caused by an exception on one of the ranks or an attempt to " \
+            "run a collective after hvd.shutdown()."
+
+
+class Coordinator:
+    """Negotiates and runs the collectives of one Horovod runtime."""
+
+    def __init__(self, communicator: Communicator, process_sets: ProcessSetTable, settings: Settings) -> None:
+        self.comm = communicator.mpi.Dup()  # the coordinator's own: nothing else sends on it
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.settings = settings
+        self.negotiator = Negotiator(self.size, cache_capacity=settings.cache_capacity,
+                                     stall_check_s=settings.stall_check_s, stall_shutdown_s=settings.stall_shutdown_s)
+        self.executor = Executor(self.rank, process_sets, settings.fusion_threshold_bytes)
+        self._lock = threading.Lock()  # queue, in_flight, flags
+        self._wake = threading.Condition(self._lock)
+        self._cycle_lock = threading.Lock()  # one cycle at a time, whichever thread runs it
+        self._queue: list = []
+        self._in_flight: dict = {}
+        self._drivers = 0
+        self._idle_cycles = 0
+        self._woken = False
+        self._first_queued = self._last_submit = 0.0
+        self._stop_requested = False
+        self.stopped = False
+        self._join: Optional[Operation] = None
+        self._send = np.zeros(SLOT_BYTES, dtype=np.uint8)
+        self._recv = np.zeros(SLOT_BYTES * self.size, dtype=np.uint8)
+        self._polite = communicator.oversubscribed
+        self._thread = threading.Thread(target=self._background, name="mpisgd-horovod", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- user threads ---------------------------------------------------------------------
+    def submit(self, operations: list) -> None:
+        """Queue operations for the next cycle; ValueError if a name is still in flight on this rank."""
+        with self._lock:
+            if self.stopped or self._stop_requested:
+                raise HorovodInternalError(SHUT_DOWN)
+            keys = [op.key for op in operations]
+            busy = [k for k in keys if k in self._in_flight] or sorted({k for k in keys if keys.count(k) > 1})
+            if busy:
+                raise ValueError(f"Requested to collective on a tensor with the same name as another tensor that "
+                                 f"is currently being processed: {busy[0][1]!r}. If you want to request another "
+                                 "collective with the same name, synchronize the first one before.")
+            for op in operations:
+                self._in_flight[op.key] = op
+            now = time.monotonic()
+            if not self._queue:
+                self._first_queued = now
+            self._last_submit = now
+            self._queue.extend(operations)
+            if self._idle_cycles:
+                self._woken = True
+                self._wake.notify()
+            # no wake-up: the next cycle (within HOROVOD_CYCLE_TIME, or at once when a thread waits in
+            # synchronize) takes everything queued meanwhile, so that tensors produced close together
+            # during backward travel fused, as in Horovod
+
+    def join(self, operation: Operation) -> None:
+        with self._lock:
+            if self.stopped or self._stop_requested:
+                raise HorovodInternalError(SHUT_DOWN)
+            self._join = operation
+            self._wake.notify()
+
+    @contextmanager
+    def driving(self) -> Iterator[None]:
+        """While inside, this thread runs the cycles for what it submits and waits for (``wait``); the
+        background thread stands back."""
+        with self._lock:
+            self._drivers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._drivers -= 1
+
+    def wait(self, operations: list) -> None:
+        """Run cycles on this thread until every operation completed (or Horovod stopped)."""
+        with self.driving():
+            while not all(op.done for op in operations) and not self.stopped:
+                with self._cycle_lock:
+                    if not all(op.done for op in operations) and not self.stopped:
+                        self._cycle(urgent=True)
+        # stopped: the thread that saw the shutdown fails what is left, at once
+        wait_until(lambda: all(op.done for op in operations), what="the shutdown of the coordinator")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ask every rank to stop (through the next cycle) and wait for this rank's thread."""
+        with self._lock:
+            self._stop_requested = True
+            self._wake.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("mpisgd.horovod: the coordinator did not stop within %g s; leaving it", timeout)
+            return
+        if not MPI.Is_finalized():
+            self.comm.Free()
+
+    # ---- the background thread ------------------------------------------------------------------
+    def _background(self) -> None:
+        try:
+            while not self.stopped:
+                with self._lock:  # one cycle per HOROVOD_CYCLE_TIME: what is queued meanwhile travels fused
+                    if not self._stop_requested and self._join is None:
+                        self._wake.wait(self.settings.cycle_time_s * (1 << min(self._idle_cycles, IDLE_DOUBLINGS)))
+                    if self._woken:  # a submission ended a long idle pause: gather for one cycle time
+                        self._woken, self._idle_cycles = False, 0
+                        continue
+                    if self._drivers or self._gathering():
+                        continue
+                with self._cycle_lock:
+                    if not self.stopped:
+                        self._cycle()
+        except BaseException as exc:  # a bug here must not leave waiters hanging: fail them, stop
+            logger.exception("mpisgd.horovod coordinator failed")
+            self._fail_all(HorovodInternalError(f"coordinator failed: {type(exc).__name__}: {exc}"))
+            self.stopped = True
+
+    def _gathering(self) -> bool:
+        """Operations are still arriving (a backward pass submitting gradients): hold the cycle, up to
+        GATHER_CYCLES cycle times, so that they travel in one fused negotiation rather than in several,
+        each waiting for every rank (a thread that synchronizes runs the cycle at once anyway)."""
+        if not self._queue or self._stop_requested:
+            return False
+        now, cycle = time.monotonic(), self.settings.cycle_time_s
+        return now - self._last_submit < cycle and now - self._first_queued < GATHER_CYCLES * cycle
+
+    def _cycle(self, urgent: bool = False) -> None:
+        """One negotiation and what it decided. ``urgent``: a thread waits for the result, so the
+        negotiation is polled without pausing at first; otherwise politely from the start."""
+        with self._lock:
+            submitted, self._queue = self._queue, []
+            urgent = urgent or bool(submitted) or bool(self._in_flight)
+            shutdown = self._stop_requested
+            joining = self._join is not None
+        entries = tuple(self.negotiator.encode(op.name, op.signature, op.extra) for op in submitted)
+        message = Message(shutdown, joining, time.monotonic(), entries)
+        outcome = self.negotiator.step(self._exchange(message, urgent))
+        # oversubscribed ranks (more than cores) pause longer and longer while every rank is idle: idle
+        # cycles of four ranks on two cores took the CPU their training needed
+        self._idle_cycles = 0 if outcome.traffic or not self._polite else self._idle_cycles + 1
+        if self.rank == 0:
+            for warning in outcome.warnings:
+                logger.warning("%s", warning)
+        with self._lock:
+            in_flight = dict(self._in_flight)
+        plan = fusion_plan(outcome.responses, self.settings.fusion_threshold_bytes,
+                           lambda r: _nbytes(in_flight.get(r.key)))
+        for batch in plan:
+            self.executor.run(batch, in_flight)
+            with self._lock:
+                for response in batch:
+                    self._in_flight.pop(response.key, None)
+        if outcome.last_joined is not None:
+            with self._lock:
+                join, self._join = self._join, None
+            if join is not None:
+                join.complete(outcome.last_joined)
+        if outcome.shutdown:
+            self.stopped = True
+            self._fail_all(HorovodInternalError(SHUT_DOWN))
+
+    def _fail_all(self, error: HorovodInternalError) -> None:
+        with self._lock:
+            left = list(self._in_flight.values()) + ([self._join] if self._join is not None else [])
+            self._in_flight.clear()
+            self._queue, self._join = [], None
+            self._wake.notify_all()
+        for op in left:
+            if not op.done:
+                op.fail(error)
+
+    # ---- the exchange -------------------------------------------------------------------
+    def _exchange(self, message: Message, urgent: bool) -> list:
+        """Every rank's message of this cycle, in rank order."""
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        length = len(payload)
+        self._send[:HEADER] = np.frombuffer(np.int64(length).tobytes(), dtype=np.uint8)
+        if length <= SLOT_BYTES - HEADER:
+            self._send[HEADER:HEADER + length] = np.frombuffer(payload, dtype=np.uint8)
+        self._complete(self.comm.Iallgather(self._send, self._recv), urgent)
+        slots = self._recv.reshape(self.size, SLOT_BYTES)
+        lengths = [int(np.frombuffer(slots[r, :HEADER].tobytes(), dtype=np.int64)[0]) for r in range(self.size)]
+        if max(lengths) <= SLOT_BYTES - HEADER:
+            return [pickle.loads(slots[r, HEADER:HEADER + n].tobytes()) for r, n in enumerate(lengths)]
+        # a second round carries the messages that did not fit their slot
+        large = [n if n > SLOT_BYTES - HEADER else 0 for n in lengths]
+        received = np.empty(sum(large), dtype=np.uint8)
+        own = np.frombuffer(payload, dtype=np.uint8) if large[self.rank] else np.empty(0, dtype=np.uint8)
+        offsets = [sum(large[:r]) for r in range(self.size)]
+        self._complete(self.comm.Iallgatherv(own, [received, large, offsets, MPI.BYTE]), urgent)
+        return [pickle.loads(received[offsets[r]:offsets[r] + n].tobytes()) if large[r]
+                else pickle.loads(slots[r, HEADER:HEADER + n].tobytes()) for r, n in enumerate(lengths)]
+
+    def _complete(self, request: MPI.Request, urgent: bool) -> None:
+        """Poll without pausing for a moment when urgent (a small collective needs microseconds), then
+        back off."""
+        deadline = time.perf_counter() + (SPIN_S if urgent and not self._polite else 0.0)
+        while time.perf_counter() < deadline:
+            if request.Test():
+                return
+        wait_until(request.Test, what="the coordinator's negotiation",
+                   backoff=Backoff(first=2e-5, longest=1e-3, spin=False))
+
+
+def _nbytes(op: Optional[Operation]) -> int:
+    return 0 if op is None else op.tensor.numel() * op.tensor.element_size()
