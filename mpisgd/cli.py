@@ -127,10 +127,7 @@ def run_train(cfg: Any) -> int:
 
     comm = get_communicator()
     result = run_strategy(cfg, comm)
-    accuracy = result.val_accuracy
-    _print_rank0(comm, f"mpisgd train: {result.strategy} finished after {result.steps} steps "
-                       f"({result.stopped}); validation accuracy "
-                       f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}")
+    _print_rank0(comm, result.finished_line())
     return 0
 
 

@@ -68,6 +68,7 @@ from mpisgd.models import build_model
 from mpisgd.training.config import TrainConfig
 from mpisgd.training.layout import Roles, ShardLayout
 from mpisgd.training.loop import open_datasets, resume_from_checkpoint
+from mpisgd.training.registry import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +227,7 @@ def _failure_message(summary: dict) -> str:
 def _print_finished(job: JobContext, summary: dict) -> None:
     """The line the ``mpisgd`` command prints at the end (to stdout, as the command's result), printed by
     server 0 itself when the job ends with MPI_Abort and the command never gets to print it."""
-    accuracy = summary.get("val_accuracy")
-    accuracy_text = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    print(f"mpisgd train: {job.cfg.strategy} finished after {summary['steps']} steps "
-          f"({summary['stopped']}); validation accuracy {accuracy_text}", flush=True)
+    print(TrainResult.from_summary(job.cfg.strategy, summary, 0.0).finished_line(), flush=True)
 
 
 def _abort_job(job: JobContext, summary: dict, why: str) -> None:

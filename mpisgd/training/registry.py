@@ -89,6 +89,12 @@ class TrainResult:
         return {"strategy": self.strategy, "steps": self.steps, "stopped": self.stopped,
                 "val_accuracy": self.val_accuracy, "wall_time_s": self.wall_time_s, **self.extra}
 
+    def finished_line(self) -> str:
+        """The line the ``mpisgd train`` command prints as its result."""
+        accuracy = "n/a" if self.val_accuracy is None else f"{self.val_accuracy:.4f}"
+        return (f"mpisgd train: {self.strategy} finished after {self.steps} steps ({self.stopped}); "
+                f"validation accuracy {accuracy}")
+
     def __getitem__(self, key: str) -> Any:
         """``result["steps"]``, ``result["global_batch"]``: read like the summary dicts of earlier versions."""
         return self.as_dict()[key]
