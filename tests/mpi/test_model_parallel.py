@@ -364,25 +364,24 @@ def test_a_checkpoint_of_split_linears_loads_unsplit():
 
 
 def test_the_cli_entry_point_trains_and_checkpoints():
-    from types import SimpleNamespace
-
     from mpisgd.comm import get_communicator
     from mpisgd.data.synthetic import make_classification_h5
     from mpisgd.modelparallel.trainer import train_model_parallel
+    from mpisgd.training.config import TrainConfig
 
     directory = shared_directory()
     if RANK == 0:
         make_classification_h5(f"{directory}/train.h5", n_samples=256, n_features=12, n_classes=3, seed=0)
     WORLD.Barrier()
     stages = 2 if P % 2 == 0 else 1
-    cfg = SimpleNamespace(model="mlp", hidden=(16, 16), data=f"{directory}/train.h5", val=f"{directory}/train.h5",
-                          batch_size=16, seed=0, lr=0.1, weight_decay=0.0, epochs=1, max_steps=3, resume=False,
-                          checkpoint_dir=f"{directory}/checkpoints", log_every=1, device="cpu", stages=stages,
-                          micro_batches=2, pipeline_schedule="1f1b", balance="params", tensor_parallel=1)
+    cfg = TrainConfig.from_settings(dict(
+        model="mlp", hidden=(16, 16), data=f"{directory}/train.h5", val=f"{directory}/train.h5", batch_size=16,
+        seed=0, lr=0.1, weight_decay=0.0, epochs=1, max_steps=3, resume=False,
+        checkpoint_dir=f"{directory}/checkpoints", log_every=1, device="cpu", stages=stages, micro_batches=2,
+        pipeline_schedule="1f1b", balance="params", tensor_parallel=1))
     summary = train_model_parallel(cfg, get_communicator())
     assert summary["steps"] == 3 and summary["stages"] == stages and summary["replicas"] == P // stages
     assert 0.0 <= summary["val_accuracy"] <= 1.0
     assert len(set(WORLD.allgather(summary["val_accuracy"]))) == 1
-    resumed = train_model_parallel(SimpleNamespace(**{**vars(cfg), "resume": True, "max_steps": 4, "stages": 1}),
-                                   get_communicator())
+    resumed = train_model_parallel(cfg.with_settings(resume=True, max_steps=4, stages=1), get_communicator())
     assert resumed["steps"] == 4
