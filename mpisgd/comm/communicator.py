@@ -81,6 +81,7 @@ class Communicator:
         self.polite = {"auto": self.oversubscribed, "1": True, "0": False}[self.config.yield_when_waiting]
         self._check_buf = np.zeros(2, dtype=np.int64)
         self._shm: Optional[SharedMemoryAllreduce] = None
+        self._choices: dict = {}
         nodes = Nodes.ONE if self.num_nodes == 1 else Nodes.EQUAL if self.uniform_nodes else Nodes.UNEQUAL
         self.situation = Situation(
             self.size, nodes, self.most_ranks_per_node, _library(), window=self.config.shared_memory,
@@ -200,7 +201,13 @@ class Communicator:
     def choose_algorithm(self, nbytes: int, *, host: bool = True, fused: bool = False) -> str:
         """What ``auto`` runs for a message of ``nbytes`` (in host memory unless ``host=False``; a fused
         bucket that fits the window's area with ``fused=True``)."""
-        return policy.choose(self.situation, Request(nbytes, host, fused))
+        key = (nbytes, host, fused)  # the table is walked once per kind of call (cleared on a new situation)
+        chosen = self._choices.get(key)
+        if chosen is None:
+            if len(self._choices) > 4096:
+                self._choices.clear()
+            chosen = self._choices[key] = policy.choose(self.situation, Request(nbytes, host, fused))
+        return chosen
 
     def _algorithm_for(self, name: str, request: Request) -> AllreduceAlgorithm:
         """The registered algorithm ``name``; for ``auto`` the policy's choice, asked again without the
@@ -227,6 +234,7 @@ class Communicator:
                     self._shm.free()  # collective on this node, whose ranks all created it
                     self._shm = None
                 self.situation = dataclasses.replace(self.situation, window=False)
+                self._choices.clear()
                 if required:
                     raise CommError(refusals[0])
         return self._shm
