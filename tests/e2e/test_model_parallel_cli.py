@@ -61,5 +61,5 @@ def test_resume_at_another_number_of_stages(tmp_path, unsplit):
 def test_bad_layouts_are_refused_on_every_rank(tmp_path, nprocs, flags, says):
     result = train(nprocs, tmp_path, *flags)
     assert result.returncode == 2, result.stdout
-    errors = [line for line in result.stdout.splitlines() if "error" in line]
-    assert len(errors) == nprocs and all(says in line for line in errors), result.stdout  # every rank says it
+    # every rank says it (their lines may interleave in the launcher's output)
+    assert result.stdout.count("mpisgd: error:") == nprocs and result.stdout.count(says) == nprocs, result.stdout
