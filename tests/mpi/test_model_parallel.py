@@ -8,7 +8,6 @@ torch in this process: the unsplit model, the same seed, the same global batch.
 import itertools
 import shutil
 import tempfile
-import time
 
 import pytest
 import torch
@@ -26,7 +25,6 @@ P, RANK = WORLD.Get_size(), WORLD.Get_rank()
 FEATURES, CLASSES, STEPS = 10, 5, 3
 BATCH = max(16, 8 * P)  # 4 micro-batches of at least 2 rows on every replica
 TOLERANCE = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 2e-5, "atol": 2e-6}}
-ERROR_SECONDS = 10.0
 
 
 def make_model(dtype=torch.float64, *, batch_norm=False):
@@ -246,17 +244,15 @@ def failing_model(change, at):
 
 
 def expect_failure_everywhere(mp, x, y, *patterns):
-    """Steps until the failure; every rank raises the same JobFailedError, quickly."""
-    started = time.monotonic()
+    """Steps until the failure; every rank raises the same JobFailedError (a hang is caught by the test's
+    timeout, not by a wall-clock assertion)."""
     with pytest.raises(JobFailedError) as caught:
         for _ in range(3):
             mp.train_step(x, y, F.cross_entropy)
-    elapsed = time.monotonic() - started
     text = str(caught.value)
     assert len(set(WORLD.allgather(text))) == 1, text
     for pattern in patterns:
         assert pattern in text, text
-    assert elapsed < ERROR_SECONDS
     with pytest.raises(JobFailedError, match="earlier model-parallel step failed"):
         mp.train_step(x, y, F.cross_entropy)
     mp.free()
