@@ -246,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MPI_FREE_HANDLERS = {run_plot}  # subcommands that never touch MPI (a plot runs on a login node, without mpiexec)
+_mpi_needed = True
+
+
 def _world_position() -> tuple[int, int]:
-    """(rank, size) in MPI_COMM_WORLD (initializing MPI: every subcommand but plot needs it anyway)."""
+    """(rank, size) in MPI_COMM_WORLD, initializing MPI; (0, 1) for a subcommand that needs no MPI."""
+    if not _mpi_needed:
+        return 0, 1
     from mpi4py import MPI
     world = MPI.COMM_WORLD
     return world.Get_rank(), world.Get_size()
@@ -255,7 +261,9 @@ def _world_position() -> tuple[int, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, validate (pure, identical on every rank), then run the subcommand."""
+    global _mpi_needed
     args = build_parser().parse_args(argv)
+    _mpi_needed = args.handler not in _MPI_FREE_HANDLERS
     rank, size = _world_position()
     setup_logging(args.log_level, rank=rank, size=size)
     try:

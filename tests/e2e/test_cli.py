@@ -110,3 +110,20 @@ def test_every_subcommand_takes_log_level(argv):
     result = subprocess.run([sys.executable, "-m", "mpisgd", *argv, "--log-level", "loud"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "--log-level: invalid choice: 'loud'" in result.stderr, result.stderr
+
+
+def test_plot_runs_without_mpi(tmp_path):
+    """`mpisgd plot` is for login nodes and laptops: it must not initialize (or even import) MPI."""
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text('{"step": 1, "loss": 1.0, "wall_time": 0.1}\n{"step": 2, "loss": 0.5, "wall_time": 0.2}\n')
+    probe = textwrap.dedent(f"""
+        import sys
+        from mpisgd.cli import main
+        code = main(["plot", {str(metrics)!r}, "-o", {str(tmp_path / "m.png")!r}])
+        print("mpi4py.MPI imported:", "mpi4py.MPI" in sys.modules)
+        sys.exit(code)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "mpi4py.MPI imported: False" in result.stdout
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
