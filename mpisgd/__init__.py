@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from mpisgd import _deprecated
-from mpisgd.errors import CommError, ConfigError, MpisgdError
+from mpisgd.errors import CollectiveTimeout, CommError, ConfigError, MpisgdError
 
 _deprecated.install()
 
@@ -38,7 +38,8 @@ def _comm(comm: Any):
     return get_communicator(comm)
 
 
-def allreduce(x: Any, op: str = "sum", *, algorithm: str = "auto", comm: Any = None) -> Any:
+def allreduce(x: Any, op: str = "sum", *, algorithm: str = "auto", comm: Any = None,
+              timeout: Optional[float] = None) -> Any:
     """Reduce ``x`` over all ranks into a new array/tensor of the same kind, dtype and device.
 
     Args:
@@ -47,28 +48,39 @@ def allreduce(x: Any, op: str = "sum", *, algorithm: str = "auto", comm: Any = N
         op: "sum", "mean", "max" or "min".
         algorithm: "auto", "rhd" (recursive halving-doubling), "ring" or "native" (MPI_Allreduce).
         comm: mpi4py communicator or mpisgd Communicator; COMM_WORLD (duplicated) when None.
+        timeout: seconds without progress before :class:`CollectiveTimeout` on every live rank (default: the
+            communicator's, ``MPISGD_COLLECTIVE_TIMEOUT`` or 600).
     Returns:
         The reduced copy; every rank holds bitwise-identical values.
     """
-    return _comm(comm).allreduce(x, op, algorithm=algorithm)
+    communicator = _comm(comm)
+    with communicator.watchdog.timeout_of(timeout):
+        return communicator.allreduce(x, op, algorithm=algorithm)
 
 
-def allreduce_(x: Any, op: str = "sum", *, algorithm: str = "auto", comm: Any = None) -> Any:
+def allreduce_(x: Any, op: str = "sum", *, algorithm: str = "auto", comm: Any = None,
+               timeout: Optional[float] = None) -> Any:
     """In-place :func:`allreduce`: ``x`` is overwritten with the result and returned."""
-    return _comm(comm).allreduce_(x, op, algorithm=algorithm)
+    communicator = _comm(comm)
+    with communicator.watchdog.timeout_of(timeout):
+        return communicator.allreduce_(x, op, algorithm=algorithm)
 
 
 def allreduce_many_(arrays: Sequence[Any], op: str = "sum", *, algorithm: str = "auto",
-                    comm: Any = None, bucket_bytes: int = 64 << 20) -> Sequence[Any]:
+                    comm: Any = None, bucket_bytes: int = 64 << 20, timeout: Optional[float] = None) -> Sequence[Any]:
     """In-place all-reduce of many arrays fused into flat buckets (one collective per bucket)."""
-    return _comm(comm).allreduce_many_(arrays, op, algorithm=algorithm, bucket_bytes=bucket_bytes)
+    communicator = _comm(comm)
+    with communicator.watchdog.timeout_of(timeout):
+        return communicator.allreduce_many_(arrays, op, algorithm=algorithm, bucket_bytes=bucket_bytes)
 
 
-def broadcast_(x: Any, root: int = 0, *, comm: Any = None) -> Any:
+def broadcast_(x: Any, root: int = 0, *, comm: Any = None, timeout: Optional[float] = None) -> Any:
     """Overwrite ``x`` on every rank with the values of ``root``, in place."""
-    return _comm(comm).broadcast_(x, root)
+    communicator = _comm(comm)
+    with communicator.watchdog.timeout_of(timeout):
+        return communicator.broadcast_(x, root)
 
 
-__all__ = ["AllreduceConfig", "CommError", "Communicator", "ConfigError", "DistributedOptimizer", "ModelParallel",
+__all__ = ["AllreduceConfig", "CollectiveTimeout", "CommError", "Communicator", "ConfigError", "DistributedOptimizer", "ModelParallel",
            "MpisgdError", "NonFiniteGradientError", "__version__", "allreduce", "allreduce_", "allreduce_many_", "broadcast_",
            "broadcast_optimizer_state", "broadcast_parameters", "get_communicator"]

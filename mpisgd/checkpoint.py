@@ -1,4 +1,5 @@
-"""Checkpoints in HDF5: everything needed to continue a run exactly where it stopped.
+"""Checkpoints in HDF5: everything needed to continue a run exactly where it stopped, and proof that a
+file is the one that was written.
 
 A checkpoint holds the model and optimizer/scheduler state dicts, the random number generator states
 (torch, CUDA, numpy, python) and the data position, plus free `extra` data. Nested dicts, lists and tuples
@@ -8,14 +9,24 @@ round-trip exactly through repr). So `torch.optim.SGD`, `LARS` and `LambdaLR` st
 and training resumed from a checkpoint is bitwise identical to training straight through (CPU).
 
 Why atomic: a job killed while writing (time limit, preemption, node failure) must not destroy the
-previous checkpoint. Files are written to a temporary file in the same directory, fsynced, and renamed
-over the target with `os.replace`, which is atomic on POSIX file systems; readers see the old or the new
-file, never half of one.
+previous checkpoint. Files are written to a temporary file in the same directory, fsynced, renamed over
+the target with `os.replace` (atomic on POSIX file systems) and the directory is fsynced; readers see the
+old or the new file, never half of one.
+
+Why checksums (format 2): a damaged file that is still valid HDF5 (bytes flipped inside a weight array)
+would otherwise resume silently and fail much later, far from the cause. Every file starts with a
+512-byte header (an HDF5 user block, which HDF5 itself skips) holding the SHA-256 and length of the rest
+of the file; every dataset carries the SHA-256 of its own bytes, and a manifest lists every dataset with
+its checksum (so swapped or missing arrays are found, and a mismatch names the array). The root
+attributes say what wrote the file (:data:`FORMAT_VERSION`, mpisgd version, strategy, world layout).
+:func:`load_checkpoint` verifies all of it before returning anything and raises
+:class:`~mpisgd.errors.CheckpointError` naming the file and the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -24,22 +35,29 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import h5py
 import numpy as np
 import torch
 
-from mpisgd.errors import ConfigError
+from mpisgd import faults
+from mpisgd.errors import CheckpointError, ConfigError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksum header, per-array checksums, manifest, writer (1 had none of them)
 SECTIONS = ("model_state", "optimizer_state", "scheduler_state", "rng_states", "data_position", "extra")
 CHECKPOINT_PREFIX = "checkpoint"
 
 _KEYS = "__keys__"  # dataset inside a dict group: tagged-JSON list of [key, child name]
 _METADATA = "__metadata__"  # OrderedDict._metadata of a module state_dict (module versions)
+_MANIFEST = "__manifest__"  # root dataset: tagged-JSON {dataset path: sha256} of every other dataset
+_CHECKSUM = "sha256"  # attribute of every dataset: the SHA-256 of its bytes
+HEADER_BYTES = 512  # the HDF5 user block holding the file's checksum
+_MAGIC = b"MPISGD-CHECKPOINT\n"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HASH_CHUNK = 1 << 20
 # torch dtypes numpy cannot hold are stored as same-width integers and viewed back on load.
 _BITCAST_BY_ITEMSIZE = {1: torch.uint8, 2: torch.int16}
 
@@ -64,13 +82,24 @@ def _fsync_path(path: PathLike, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _no_stage(stage: faults.WriteStage) -> None:
+    return None
+
+
 @contextlib.contextmanager
-def atomic_h5_file(path: PathLike) -> Iterator[h5py.File]:
+def atomic_h5_file(path: PathLike, *, userblock_size: int = 0, seal: Optional[Callable[[Path], None]] = None,
+                   at_stage: Callable[[faults.WriteStage], None] = _no_stage) -> Iterator[h5py.File]:
     """Open a new HDF5 file for writing that appears at `path` only when the block completes.
 
     The data goes to a temporary file in the same directory (same file system, so the rename is atomic),
-    which is flushed to disk and renamed over `path`. If the block raises, the temporary file is removed
-    and `path` keeps its previous content.
+    which is flushed to disk, renamed over `path`, and the directory flushed. If the block raises, the
+    temporary file is removed and `path` keeps its previous content.
+
+    Args:
+        userblock_size: bytes HDF5 leaves free at the start of the file (0, or a power of two >= 512).
+        seal: called with the temporary file's path once HDF5 has closed it, before the fsync (the
+            checkpoint writes its checksum header there).
+        at_stage: called at each :class:`~mpisgd.faults.WriteStage` after the first (test fault hooks).
     """
     path = Path(path)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -78,16 +107,58 @@ def atomic_h5_file(path: PathLike) -> Iterator[h5py.File]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    options = {"userblock_size": userblock_size} if userblock_size else {}
     try:
-        with h5py.File(temporary, "w") as file:
+        with h5py.File(temporary, "w", **options) as file:
             yield file
+        at_stage(faults.WriteStage.AFTER_TEMP_WRITE)
+        if seal is not None:
+            seal(Path(temporary))
+        at_stage(faults.WriteStage.AFTER_CHECKSUM)
         _fsync_path(temporary)
+        at_stage(faults.WriteStage.AFTER_FSYNC)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    at_stage(faults.WriteStage.AFTER_RENAME)
     _fsync_path(path.parent, directory=True)
+    at_stage(faults.WriteStage.AFTER_DIRECTORY_FSYNC)
+
+
+# --- checksums -----------------------------------------------------------------------------------
+
+
+def _array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _header(digest: str, length: int) -> bytes:
+    """The user block: magic, format version, SHA-256 and length of the rest; zeros to HEADER_BYTES."""
+    text = _MAGIC + f"format {FORMAT_VERSION}\nsha256 {digest}\nbytes {length}\n".encode("ascii")
+    return text.ljust(HEADER_BYTES, b"\0")
+
+
+def _digest_after_header(path: Path) -> tuple[str, int]:
+    digest, length = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        file.seek(HEADER_BYTES)
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+            length += len(chunk)
+    return digest.hexdigest(), length
+
+
+def _seal(path: Path) -> None:
+    """Write the checksum header into the user block of the finished temporary file."""
+    digest, length = _digest_after_header(path)
+    with open(path, "r+b") as file:
+        file.write(_header(digest, length))
 
 
 # --- tagged JSON for array-free subtrees ------------------------------------------------------------
@@ -131,6 +202,7 @@ def _write_json(group: h5py.Group, name: str, obj: Any, where: str) -> None:
     text = json.dumps(_to_json(obj, where))
     dataset = group.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
     dataset.attrs["kind"] = "json"
+    dataset.attrs[_CHECKSUM] = _text_digest(text)
 
 
 # --- nested state <-> HDF5 --------------------------------------------------------------------------
@@ -165,11 +237,13 @@ def _write_node(group: h5py.Group, name: str, obj: Any, where: str) -> None:
         dataset = group.create_dataset(name, data=array)
         dataset.attrs["kind"] = "tensor"
         dataset.attrs["dtype"] = str(tensor.dtype).replace("torch.", "")
+        dataset.attrs[_CHECKSUM] = _array_digest(array)
     elif isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise TypeError(f"checkpoint: cannot store an object array at {where}")
         dataset = group.create_dataset(name, data=obj)
         dataset.attrs["kind"] = "ndarray"
+        dataset.attrs[_CHECKSUM] = _array_digest(obj)
     elif isinstance(obj, dict) and _contains_array(obj):
         subgroup = group.create_group(name)
         subgroup.attrs["kind"] = "odict" if isinstance(obj, OrderedDict) else "dict"
@@ -194,29 +268,39 @@ def _write_node(group: h5py.Group, name: str, obj: Any, where: str) -> None:
         _write_json(group, name, obj, where)
 
 
-def _read_node(node: h5py.Group | h5py.Dataset) -> Any:
+def _verified(node: h5py.Dataset, value: Any, digest: str, manifest: dict) -> Any:
+    """``value`` read from ``node``, once its checksum matches both its own and the manifest's."""
+    if node.attrs.get(_CHECKSUM) != digest or manifest.get(node.name) != digest:
+        raise CheckpointError(f"array {node.name!r} does not match its checksum (damaged or replaced)")
+    return value
+
+
+def _read_node(node: h5py.Group | h5py.Dataset, manifest: dict) -> Any:
     kind = node.attrs.get("kind")
     if kind == "json":
-        return _from_json(json.loads(node.asstr()[()]))
+        text = node.asstr()[()]
+        return _from_json(json.loads(_verified(node, text, _text_digest(text), manifest)))
     if kind == "tensor":
         array = node[()]
+        _verified(node, array, _array_digest(array), manifest)
         dtype = getattr(torch, str(node.attrs["dtype"]))
         tensor = torch.from_numpy(np.array(array, copy=True))
         return tensor.view(dtype) if tensor.dtype != dtype else tensor
     if kind == "ndarray":
-        return np.array(node[()], copy=True)
+        array = node[()]
+        return np.array(_verified(node, array, _array_digest(array), manifest), copy=True)
     if kind in ("dict", "odict"):
-        pairs = _read_node(node[_KEYS])
+        pairs = _read_node(node[_KEYS], manifest)
         result: dict[Any, Any] = OrderedDict() if kind == "odict" else {}
         for key, child in pairs:
-            result[key] = _read_node(node[child])
+            result[key] = _read_node(node[child], manifest)
         if _METADATA in node:
-            result._metadata = OrderedDict(_read_node(node[_METADATA]))  # type: ignore[attr-defined]
+            result._metadata = OrderedDict(_read_node(node[_METADATA], manifest))  # type: ignore[attr-defined]
         return result
     if kind in ("list", "tuple"):
-        items = [_read_node(node[str(index)]) for index in range(int(node.attrs["length"]))]
+        items = [_read_node(node[str(index)], manifest) for index in range(int(node.attrs["length"]))]
         return tuple(items) if kind == "tuple" else items
-    raise ConfigError(f"checkpoint: unknown node kind {kind!r} at {node.name}")
+    raise CheckpointError(f"unknown node kind {kind!r} at {node.name}")
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -231,8 +315,9 @@ def save_checkpoint(
     rng_states: dict[str, Any] | None = None,
     data_position: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    writer: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (see the module docstring).
+    """Write a checkpoint atomically, with its checksums (see the module docstring).
 
     Args:
         path: the file; its directory must exist.
@@ -243,6 +328,8 @@ def save_checkpoint(
         data_position: ``ShardedHDF5.state_dict()``.
         extra: anything else made of dicts, lists, tuples, tensors, arrays, numbers, strings and None
             (step counter, config, metrics).
+        writer: what wrote the file, JSON-able (``strategy``, ``layout``: the world layout); stored in
+            the root attributes with the format version and the mpisgd version.
 
     Returns:
         The path written.
@@ -259,39 +346,138 @@ def save_checkpoint(
         "data_position": data_position,
         "extra": extra,
     }
+    from mpisgd import __version__
+
+    fault = faults.checkpoint_fault()
+    at_stage = fault.strike if fault is not None else _no_stage
+    if fault is not None:
+        fault.begin_write()
     path = Path(path)
-    with atomic_h5_file(path) as file:
+    with atomic_h5_file(path, userblock_size=HEADER_BYTES, seal=_seal, at_stage=at_stage) as file:
         file.attrs["format"] = "mpisgd-checkpoint"
         file.attrs["format_version"] = FORMAT_VERSION
+        file.attrs["writer"] = json.dumps({"mpisgd_version": __version__, **(writer or {})})
         for name, state in sections.items():
             if state is not None:
                 _write_node(file, name, state, name)
+                at_stage(faults.WriteStage.DURING_WRITE)
+        digests: dict[str, str] = {}
+        file.visititems(lambda name, node: digests.__setitem__(node.name, node.attrs[_CHECKSUM])
+                        if isinstance(node, h5py.Dataset) else None)
+        text = json.dumps(digests, sort_keys=True)
+        file.create_dataset(_MANIFEST, data=text, dtype=h5py.string_dtype("utf-8"))
+        file.attrs["manifest_sha256"] = _text_digest(text)
     return path
 
 
+def _refuse(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} {reason}")
+
+
+def _check_header(path: Path) -> None:
+    """The checksum header and the bytes after it: present, complete, unchanged."""
+    with open(path, "rb") as file:
+        head = file.read(HEADER_BYTES)
+    if head.startswith(_HDF5_SIGNATURE):
+        try:
+            with h5py.File(path, "r") as old:
+                ours = old.attrs.get("format") == "mpisgd-checkpoint"
+                version = int(old.attrs.get("format_version", -1))
+        except Exception:  # noqa: BLE001 - any failure means: not one of ours
+            ours, version = False, -1
+        if ours:
+            raise _refuse(path, f"has format version {version} (no checksums, written by an older mpisgd); "
+                                f"this mpisgd reads format {FORMAT_VERSION}")
+        raise _refuse(path, "is an HDF5 file but not an mpisgd checkpoint")
+    if not head.startswith(_MAGIC):
+        raise _refuse(path, "cannot be read as HDF5: it is not an mpisgd checkpoint (no mpisgd header)")
+    fields = dict(line.split(" ", 1) for line in head[len(_MAGIC):].split(b"\0", 1)[0].decode(
+        "ascii", "replace").splitlines() if " " in line)
+    if fields.get("format", "").isdigit() and int(fields["format"]) != FORMAT_VERSION:
+        raise _refuse(path, f"has format version {fields['format']}; this mpisgd reads format {FORMAT_VERSION}")
+    try:
+        digest, length = fields["sha256"], int(fields["bytes"])
+    except (KeyError, ValueError):
+        raise _refuse(path, "has a damaged header (its checksum cannot be read)") from None
+    if _header(digest, length) != head:
+        raise _refuse(path, "has a damaged header")
+    actual, actual_length = _digest_after_header(path)
+    if actual_length != length:
+        raise _refuse(path, f"is truncated or extended: {actual_length + HEADER_BYTES} bytes, "
+                            f"written with {length + HEADER_BYTES}")
+    if actual != digest:
+        raise _refuse(path, f"does not match its checksum: its contents changed after it was written "
+                            f"({_damaged_part(path)})")
+
+
+def _damaged_part(path: Path) -> str:
+    """Best effort, for the message: which arrays no longer match their checksums."""
+    damaged: list[str] = []
+
+    def check(name: str, node: Any) -> None:
+        if isinstance(node, h5py.Dataset) and node.name != f"/{_MANIFEST}":
+            try:
+                value = node.asstr()[()] if node.attrs.get("kind") == "json" else node[()]
+                digest = _text_digest(value) if isinstance(value, str) else _array_digest(value)
+            except Exception:  # noqa: BLE001 - unreadable counts as damaged
+                digest = ""
+            if node.attrs.get(_CHECKSUM) != digest:
+                damaged.append(node.name)
+
+    try:
+        with h5py.File(path, "r") as file:
+            file.visititems(check)
+    except Exception:  # noqa: BLE001
+        return "its HDF5 structure is damaged"
+    return f"damaged arrays: {', '.join(damaged[:5])}" if damaged else "damaged outside the arrays"
+
+
+def read_writer(path: PathLike) -> dict[str, Any]:
+    """What wrote the checkpoint at ``path`` (format version, mpisgd version, strategy, layout), unverified."""
+    with h5py.File(path, "r") as file:
+        return {"format_version": int(file.attrs.get("format_version", -1)),
+                **json.loads(str(file.attrs.get("writer", "{}")))}
+
+
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`.
+    """Read a checkpoint written by `save_checkpoint`, verifying all of it before returning anything.
 
     Returns:
-        A dict with every key of `SECTIONS`; sections that were not saved are None. Tensors are on the
-        CPU; ``load_state_dict`` moves them where the model lives.
+        A dict with every key of `SECTIONS` (sections that were not saved are None) and ``writer``
+        (what wrote the file). Tensors are on the CPU; ``load_state_dict`` moves them where the model lives.
+    Raises:
+        CheckpointError: the file is missing, truncated, damaged (a checksum differs: the message names
+            the array where it can), of another format version, or not an mpisgd checkpoint.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+        raise _refuse(path, "does not exist")
     try:
-        file = h5py.File(path, "r")
-    except OSError as err:
-        raise ConfigError(f"cannot read checkpoint {str(path)!r} as HDF5: {err}") from None
-    with file:
-        if file.attrs.get("format") != "mpisgd-checkpoint":
-            raise ConfigError(f"{str(path)!r} is not an mpisgd checkpoint")
-        version = int(file.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise ConfigError(
-                f"checkpoint {str(path)!r} has format version {version}; this mpisgd reads {FORMAT_VERSION}"
-            )
-        return {name: (_read_node(file[name]) if name in file else None) for name in SECTIONS}
+        _check_header(path)
+        with h5py.File(path, "r") as file:
+            if file.attrs.get("format") != "mpisgd-checkpoint":
+                raise _refuse(path, "is not an mpisgd checkpoint")
+            version = int(file.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise _refuse(path, f"has format version {version}; this mpisgd reads format {FORMAT_VERSION}")
+            text = file[_MANIFEST].asstr()[()]
+            if _text_digest(text) != file.attrs.get("manifest_sha256"):
+                raise _refuse(path, "has a manifest that does not match its checksum")
+            manifest = json.loads(text)
+            present: set = set()
+            file.visititems(lambda name, node: present.add(node.name) if isinstance(node, h5py.Dataset) else None)
+            if present - {f"/{_MANIFEST}"} != set(manifest):
+                odd = sorted(present.symmetric_difference(manifest) - {f"/{_MANIFEST}"})
+                raise _refuse(path, f"does not hold the arrays its manifest lists: {', '.join(odd[:5])}")
+            state = {name: (_read_node(file[name], manifest) if name in file else None) for name in SECTIONS}
+            state["writer"] = {"format_version": version, **json.loads(str(file.attrs["writer"]))}
+            return state
+    except CheckpointError as exc:
+        if str(path) in str(exc):
+            raise
+        raise _refuse(path, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes h5py or json raise
+        raise _refuse(path, f"cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def checkpoint_path(directory: PathLike, step: int, prefix: str = CHECKPOINT_PREFIX) -> Path:
@@ -325,8 +511,16 @@ def prune_checkpoints(directory: PathLike, keep: int, prefix: str = CHECKPOINT_P
         raise ConfigError(f"keep must be >= 1 (never delete the latest checkpoint), got {keep}")
     doomed = list_checkpoints(directory, prefix)[:-keep]
     for path in doomed:
-        path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     return doomed
+
+
+def stale_temporaries(directory: PathLike, prefix: str = CHECKPOINT_PREFIX) -> list[Path]:
+    """Temporary files a killed writer left in ``directory`` (``.<prefix>-<step>.h5.*.tmp``)."""
+    directory = Path(directory)
+    pattern = re.compile(rf"^\.{re.escape(prefix)}-\d+\.h5\..*\.tmp$")
+    return sorted(entry for entry in directory.iterdir() if pattern.match(entry.name)) if directory.is_dir() else []
 
 
 def capture_rng_states() -> dict[str, Any]:

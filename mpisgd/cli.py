@@ -9,12 +9,15 @@ rank (`mpisgd.log.setup_logging`). Only this module prints.
 Failure policy, so that no job hangs: an error that every rank raised together (bad flags, a
 configure error, a collectively checked input) makes every rank print it and exit 2; any other exception on any rank
 prints that rank's message and traceback and aborts the whole job (MPI_Abort), because a rank that
-merely exits leaves the others waiting in their next collective forever.
+merely exits leaves the others waiting in their next collective forever. ``mpisgd train`` stopped by
+SIGTERM, SIGUSR1 or SIGINT exits 75 (`mpisgd.training.preemption.EXIT_PREEMPTED`) once its checkpoint is
+written.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import socket
 import sys
 import traceback
@@ -22,11 +25,14 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mpisgd import __version__
-from mpisgd.errors import ConfigError, MpisgdError
+from mpisgd.errors import CollectiveTimeout, ConfigError, MpisgdError
 from mpisgd.log import LEVELS, setup_logging
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+#: a collective made no progress for --collective-timeout seconds: every live rank printed which ranks were
+#: missing, and the job was aborted (the missing ranks may never exit by themselves)
+EXIT_COLLECTIVE_TIMEOUT = 4
 
 
 def _print_rank0(comm, text: str) -> None:
@@ -44,6 +50,10 @@ def run_info(args: argparse.Namespace) -> int:
     from mpisgd.comm import get_communicator
 
     comm = get_communicator()
+    grid: list[str] = []
+    if args.stages > 1 or args.tensor_parallel > 1:  # the same on every rank: a bad layout exits 2 on all
+        from mpisgd.modelparallel.grid import describe_grid
+        grid = describe_grid(comm.size, args.stages, args.tensor_parallel, args.servers)
     try:
         device = backend.select_device(comm.local_rank, comm.local_size, want_gpu=args.gpu,
                                        share_gpus=args.share_gpus)
@@ -80,6 +90,7 @@ def run_info(args: argparse.Namespace) -> int:
     lines.append(f"allreduce auto: native below {comm.native_below_bytes} bytes, {shm}rhd for power-of-two "
                  f"ranks, {cfg.non_power_of_two} otherwise; rhd/ring reduce host data {pieces}; collective "
                  f"checks {'on' if cfg.check_collectives else 'off'}")
+    lines += grid
     print("\n".join(lines), flush=True)
     return 0
 
@@ -123,12 +134,13 @@ def configure_train(args: argparse.Namespace) -> Any:
 
 def run_train(cfg: Any) -> int:
     from mpisgd.comm import get_communicator
+    from mpisgd.training import preemption
     from mpisgd.training.registry import run_strategy
 
     comm = get_communicator()
     result = run_strategy(cfg, comm)
     _print_rank0(comm, result.finished_line())
-    return 0
+    return preemption.EXIT_PREEMPTED if result.stopped == preemption.PREEMPTED else 0
 
 
 def configure_make_data(args: argparse.Namespace) -> argparse.Namespace:
@@ -185,11 +197,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def _common_options() -> _Parser:
     """The options of every subcommand."""
     common = _Parser(add_help=False)
     common.add_argument("--log-level", choices=LEVELS, default="info",
                         help="least severe library messages shown, on stderr with the rank (default info)")
+    common.add_argument("--collective-timeout", type=seconds, default=None, metavar="SECONDS",
+                        help="a collective without progress for this long ends the job on every live rank, "
+                             "naming the missing ranks (default: MPISGD_COLLECTIVE_TIMEOUT, else 600; 0: off)")
+    common.add_argument("--stall-warning", type=seconds, default=None, metavar="SECONDS",
+                        help="a collective waiting this long logs which ranks have not arrived (default: "
+                             "MPISGD_STALL_WARNING, else 60; 0: never)")
     return common
 
 
@@ -204,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="MPI library, ranks, node-local ranks, GPU mapping, CUDA-awareness")
     info.add_argument("--gpu", action="store_true", help="show the rank -> GPU mapping used in GPU mode")
     info.add_argument("--share-gpus", action="store_true", help="allow more ranks per node than GPUs")
+    info.add_argument("--stages", type=positive_int, default=1,
+                      help="show the model-parallel grid of this many stages: the world ranks of every "
+                           "pipeline, stage and split communicator")
+    info.add_argument("--tensor-parallel", type=positive_int, default=1, help="splits per stage of that grid")
+    info.add_argument("--servers", type=int, default=0,
+                      help="parameter-server ranks ahead of the grid (downpour/dcasgd)")
     info.set_defaults(handler=run_info)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -264,8 +298,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global _mpi_needed
     args = build_parser().parse_args(argv)
     _mpi_needed = args.handler not in _MPI_FREE_HANDLERS
+    if _mpi_needed:  # for the communicators the handler creates (mpisgd.comm imports mpi4py's MPI)
+        from mpisgd.comm.watchdog import set_defaults
+        set_defaults(timeout=getattr(args, "collective_timeout", None), stall_warning=getattr(args, "stall_warning", None))
+    if args.handler is run_train:  # a preemption signal during start-up is a stop at the first step
+        from mpisgd.training.preemption import install_signal_handlers
+        install_signal_handlers()
     rank, size = _world_position()
     setup_logging(args.log_level, rank=rank, size=size)
+    faulthandler.enable()  # a crash inside a C library (libhdf5 on a hostile file) still names where it was
+    if _mpi_needed:  # before any collective: N one-rank jobs where the launcher started N tasks, say so
+        from mpisgd.preflight import check_launch
+        try:
+            check_launch(size)
+        except ConfigError as exc:
+            return _fail(f"mpisgd: error: {exc}", EXIT_BAD_INPUT, every_rank=True)
     try:
         configure = getattr(args, "configure", None)
         config = configure(args) if configure else args
@@ -275,6 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = args.handler(config)
     except ConfigError as exc:
         return _fail(f"mpisgd: error: {exc}", EXIT_BAD_INPUT, every_rank=exc.every_rank)
+    except CollectiveTimeout as exc:  # printed by every live rank, then the job is ended: the missing never exit
+        return _fail(f"mpisgd: error: {exc}", EXIT_COLLECTIVE_TIMEOUT, every_rank=False)
     except MpisgdError as exc:
         every_rank = exc.every_rank
         detail = f"mpisgd: error: {exc}" if every_rank else traceback.format_exc()

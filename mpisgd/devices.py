@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -115,7 +116,10 @@ def select_device(local_rank: int, local_size: int, *, want_gpu: bool, share_gpu
     if gpus == 0:
         raise ConfigError("GPU mode was requested but no CUDA device is visible on this node")
     if local_size > gpus and not share_gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
         raise ConfigError(
-            f"{local_size} ranks on this node but only {gpus} GPU(s); launch at most {gpus} ranks per "
-            "node or allow sharing (--share-gpus)")
+            f"{local_size} ranks on this node but only {gpus} GPU(s){shown} on {socket.gethostname()}; launch "
+            f"at most {gpus} ranks per node (srun --ntasks-per-node={gpus}, mpiexec -ppn {gpus}) or allow "
+            "sharing (--share-gpus)")
     return f"cuda:{local_rank % gpus}"

@@ -64,6 +64,9 @@ VARIABLES = {v.name: v for v in [
     Variable("MPISGD_DATA_DIR", _text, "where the built-in data set is generated (default ~/.cache/mpisgd)"),
     Variable("MPISGD_CUDA_AWARE", _flag, "override the detection of CUDA-aware MPI"),
     Variable("MPISGD_SHM", _flag, "allow the shared-memory window (shm, hier) on one node"),
+    Variable("MPISGD_ALLOW_SINGLETON", _flag,
+             "run as one rank even where the launcher's variables (PMI_SIZE, OMPI_COMM_WORLD_SIZE, "
+             "SLURM_STEP_NUM_TASKS) say it started several tasks"),
     Variable("MPISGD_AUTO_NATIVE_BELOW", _integer, "auto: MPI's own Allreduce below this many bytes"),
     Variable("MPISGD_AUTO_SHM_BELOW", _integer, "auto: the shared window for single vectors below this many bytes"),
     Variable("MPISGD_SHM_AREA_BYTES", _integer, "bytes of the shared window's slot per rank"),
@@ -74,8 +77,24 @@ VARIABLES = {v.name: v for v in [
     Variable("MPISGD_YIELD_WHEN_WAITING", _choice("auto", "0", "1"),
              "waits yield the CPU instead of spinning (auto: when ranks outnumber cores)"),
     Variable("MPISGD_SEGMENT_BYTES", _integer, "rhd/ring reduce what they receive in pieces of this size"),
+    Variable("MPISGD_COLLECTIVE_TIMEOUT", _seconds,
+             "seconds a collective may make no progress before every live rank raises CollectiveTimeout "
+             "(default 600; 0: no watchdog, waits block in MPI)"),
+    Variable("MPISGD_STALL_WARNING", _seconds,
+             "seconds a collective may wait before every waiting rank logs who has not arrived (default 60; 0: never)"),
     Variable("MPISGD_PS_IDLE_SLEEP", _seconds, "how long an idle parameter server sleeps between polls"),
+    Variable("MPISGD_EMULATED_STEP_SECONDS", _seconds,
+             "benchmarks (mpisgd/emulation.py): pad each training forward pass with this sleep, an emulated "
+             "accelerator's compute time"),
+    Variable("MPISGD_EMULATED_SLOW_RANKS", _text,
+             "benchmarks (mpisgd/emulation.py): rank:factor[,...], those world ranks' emulated steps take factor x"),
     Variable("MPISGD_SANDBLASTER_FAULT", _text, "test-only (mpisgd/faults.py): rank:portion:exit|freeze|straggle"),
+    Variable("MPISGD_TEST_CHECKPOINT_FAULT", _text,
+             "test-only (mpisgd/faults.py): stage[:n], SIGKILL this process at that stage of its n-th checkpoint write"),
+    Variable("MPISGD_TEST_SIGNAL_AT", _text,
+             "test-only (mpisgd/faults.py): step:signal[:ranks], a rank sends itself the signal after that step"),
+    Variable("MPISGD_TEST_SYNC_FAULT", _text, "test-only fault in DistributedOptimizer.step (mpisgd/faults.py): "
+             "rank:step:freeze|slow|raise|sleep|exit|nan[:seconds]"),
     Variable("MPISGD_TEST_WORKER_FAULT", _text,
              "test-only fault of a Downpour worker (mpisgd/faults.py): rank:step:action[:seconds]"),
 ]}
@@ -91,5 +110,14 @@ def read(name: str, default: Optional[Value] = None) -> Optional[Value]:
 
 
 def mpi_uses_network_path() -> bool:
-    """MPICH told to use its network path between ranks of one machine (``MPIR_CVAR_NOLOCAL=1``)."""
-    return os.environ.get("MPIR_CVAR_NOLOCAL", "0").lower() not in ("0", "", "false", "no")
+    """The MPI library told to use its network path between ranks of one machine: MPICH's
+    ``MPIR_CVAR_NOLOCAL=1``, or Open MPI's one-sided component set to one other than osc/sm
+    (``OMPI_MCA_osc=rdma``, ``ucx``, ``^sm``), whose RMA progresses only while the target enters MPI."""
+    if os.environ.get("MPIR_CVAR_NOLOCAL", "0").lower() not in ("0", "", "false", "no"):
+        return True
+    osc = os.environ.get("OMPI_MCA_osc", "").replace(" ", "")
+    if not osc:
+        return False
+    if osc.startswith("^"):
+        return "sm" in osc[1:].split(",")
+    return "sm" not in osc.split(",")

@@ -22,8 +22,21 @@ class SharedConfigError(ConfigError):
     every_rank = True
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint file failed verification (checksum, truncation, format version, world layout); the
+    message names the file and the reason. Every rank reads the same file, so every rank raises it."""
+
+
 class CommError(MpisgdError, RuntimeError):
     """A communication failed or ranks disagreed about a collective."""
+
+
+class CollectiveTimeout(CommError):
+    """No progress in a collective for the collective timeout: every live rank raises it, naming the
+    ranks that have not arrived (or stopped answering), the collective and the step. Under the ``mpisgd``
+    command the job then aborts (the missing ranks may never exit by themselves) with exit code 4."""
+
+    every_rank = True
 
 
 class CollectiveMismatchError(CommError):

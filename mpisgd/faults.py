@@ -82,6 +82,8 @@ class FaultAction(Enum):
     SLEEP = "sleep"  # sleep without entering MPI: a worker hung in its own code
     RAISE = "raise"  # raise an exception in the training loop
     NAN = "nan"  # compute a NaN gradient
+    FREEZE = "freeze"  # SIGSTOP itself: a hung process that nothing continues (the collective watchdog's case)
+    SLOW = "slow"  # sleep ``seconds`` at this step and every later one: a straggler that always arrives
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,17 @@ class WorkerFault:
 
     def strike(self, step: int) -> bool:
         """Hook after the worker reported ``step``: act; returns True where the worker leaves its loop."""
+        if self.action is FaultAction.SLOW and step >= self.step:
+            logger.info("test fault: slow rank, sleeping %s s at step %d", self.seconds, step)
+            time.sleep(self.seconds)
+            return False
         if step != self.step:
             return False
+        if self.action is FaultAction.FREEZE:
+            logger.warning("test fault: freezing (SIGSTOP) at step %d", step)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)
         if self.action is FaultAction.EXIT:
             logger.warning("test fault: leaving the training loop at step %d", step)
             return True
@@ -111,7 +122,7 @@ class WorkerFault:
         return False
 
 
-def parse_worker_fault(spec: str, rank: int) -> Optional[WorkerFault]:
+def parse_worker_fault(spec: str, rank: int, variable: str = WORKER_FAULT_VARIABLE) -> Optional[WorkerFault]:
     """The fault ``spec`` (``rank:step:action[:seconds]``) sets for world rank ``rank``, or None.
 
     Raises:
@@ -122,12 +133,11 @@ def parse_worker_fault(spec: str, rank: int) -> Optional[WorkerFault]:
         fault_rank, step, action = int(parts[0]), int(parts[1]), parts[2]
         seconds = float(parts[3]) if len(parts) > 3 else 0.0
     except (IndexError, ValueError):
-        raise SharedConfigError(f"{WORKER_FAULT_VARIABLE} must be rank:step:action[:seconds], "
-                                f"got {spec!r}") from None
+        raise SharedConfigError(f"{variable} must be rank:step:action[:seconds], got {spec!r}") from None
     try:
         fault_action = FaultAction(action)
     except ValueError:
-        raise SharedConfigError(f"{WORKER_FAULT_VARIABLE}: action must be exit, sleep, raise or nan, "
+        raise SharedConfigError(f"{variable}: action must be one of {', '.join(a.value for a in FaultAction)}, "
                                 f"got {action!r}") from None
     return WorkerFault(step, fault_action, seconds) if fault_rank == rank else None
 
@@ -137,6 +147,16 @@ def worker_fault(rank: int) -> Optional[WorkerFault]:
     Call it on every rank, so that a malformed value fails on all of them together."""
     spec = environment.read(WORKER_FAULT_VARIABLE)
     return parse_worker_fault(str(spec), rank) if spec else None
+
+
+SYNC_FAULT_VARIABLE = "MPISGD_TEST_SYNC_FAULT"
+
+
+def sync_fault(rank: int) -> Optional[WorkerFault]:
+    """World rank ``rank``'s fault in ``DistributedOptimizer.step`` (``MPISGD_TEST_SYNC_FAULT=rank:step:action
+    [:seconds]``, struck before the step's gradient all-reduce), or None. Call it on every rank."""
+    spec = environment.read(SYNC_FAULT_VARIABLE)
+    return parse_worker_fault(str(spec), rank, SYNC_FAULT_VARIABLE) if spec else None
 
 
 SANDBLASTER_FAULT_VARIABLE = "MPISGD_SANDBLASTER_FAULT"
@@ -163,3 +183,88 @@ def sandblaster_fault(rank: int) -> Optional[tuple[int, PortionFault]]:
         raise SharedConfigError(f"{SANDBLASTER_FAULT_VARIABLE} must be rank:portion:exit|freeze|straggle, "
                                 f"got {spec!r}") from None
     return (count, fault) if fault_rank == rank else None
+
+
+CHECKPOINT_FAULT_VARIABLE = "MPISGD_TEST_CHECKPOINT_FAULT"
+
+
+class WriteStage(Enum):
+    """The stages of a checkpoint write (:func:`mpisgd.checkpoint.save_checkpoint`), in order."""
+
+    DURING_WRITE = "during-write"  # the first section is in the temporary file, the others are not
+    AFTER_TEMP_WRITE = "after-temp-write"  # the HDF5 part is complete, the checksum header not yet written
+    AFTER_CHECKSUM = "after-checksum"  # the header is written, nothing fsynced
+    AFTER_FSYNC = "after-fsync"  # the temporary file is on disk, not yet renamed
+    AFTER_RENAME = "after-rename"  # renamed over the target, the directory not yet fsynced
+    AFTER_DIRECTORY_FSYNC = "after-directory-fsync"  # the write is complete
+
+
+class CheckpointFault:
+    """Kill this process with SIGKILL at one stage of its n-th checkpoint write
+    (``MPISGD_TEST_CHECKPOINT_FAULT=stage[:n]``, n from 1, default 1): what a node failure or ``kill -9``
+    does, so tests can show that every stage leaves a loadable checkpoint behind."""
+
+    def __init__(self, stage: WriteStage, write: int) -> None:
+        self.stage, self.write, self.writes = stage, write, 0
+
+    def begin_write(self) -> None:
+        self.writes += 1
+
+    def strike(self, stage: WriteStage) -> None:
+        if stage is self.stage and self.writes == self.write:
+            logger.warning("test fault: SIGKILL at %s of checkpoint write %d", stage.value, self.writes)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_checkpoint_fault: Optional[tuple[str, Optional[CheckpointFault]]] = None
+
+
+def checkpoint_fault() -> Optional[CheckpointFault]:
+    """This process's checkpoint fault, or None; one object per value of the variable (it counts writes)."""
+    global _checkpoint_fault
+    spec = str(environment.read(CHECKPOINT_FAULT_VARIABLE) or "")
+    if _checkpoint_fault is not None and _checkpoint_fault[0] == spec:
+        return _checkpoint_fault[1]
+    fault = None
+    if spec:
+        stage, _, count = spec.partition(":")
+        try:
+            fault = CheckpointFault(WriteStage(stage), int(count or 1))
+        except ValueError:
+            raise SharedConfigError(f"{CHECKPOINT_FAULT_VARIABLE} must be stage[:n] with stage one of "
+                                    f"{', '.join(s.value for s in WriteStage)}, got {spec!r}") from None
+    _checkpoint_fault = (spec, fault)
+    return fault
+
+
+SIGNAL_AT_VARIABLE = "MPISGD_TEST_SIGNAL_AT"
+
+
+@dataclass(frozen=True)
+class SignalAtStep:
+    """A rank sends itself ``signal`` right after training step ``step`` (``MPISGD_TEST_SIGNAL_AT=
+    step:SIGTERM[:rank,rank...]``, default every rank): a preemption at a known step, so the test of the
+    agreed stop does not depend on timing."""
+
+    step: int
+    signum: int
+
+    def strike(self, step: int) -> None:
+        if step == self.step:
+            logger.warning("test fault: sending %s to this rank after step %d", signal.Signals(self.signum).name,
+                           step)
+            os.kill(os.getpid(), self.signum)
+
+
+def signal_at_step(rank: int) -> Optional[SignalAtStep]:
+    """This rank's :class:`SignalAtStep` from ``MPISGD_TEST_SIGNAL_AT``, or None. Call it on every rank."""
+    spec = str(environment.read(SIGNAL_AT_VARIABLE) or "")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    try:
+        step, signum = int(parts[0]), int(signal.Signals[parts[1]])
+        ranks = [int(r) for r in parts[2].split(",")] if len(parts) > 2 else None
+    except (IndexError, KeyError, ValueError):
+        raise SharedConfigError(f"{SIGNAL_AT_VARIABLE} must be step:SIGNAME[:rank,...], got {spec!r}") from None
+    return SignalAtStep(step, signum) if ranks is None or rank in ranks else None

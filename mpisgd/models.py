@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mpisgd import emulation
 from mpisgd.errors import ConfigError
 
 
@@ -106,7 +107,9 @@ def build_model(
     if any(not (isinstance(units, int) and units >= 1) for units in hidden):
         raise ConfigError(f"hidden must be positive ints, got {hidden}")
     if seed is None:
-        return MODELS[name](input_shape, num_classes, hidden)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODELS[name](input_shape, num_classes, hidden)
+        model = MODELS[name](input_shape, num_classes, hidden)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MODELS[name](input_shape, num_classes, hidden)
+    return emulation.attach(model)  # benchmarks' emulated accelerators (nothing unless asked for)

@@ -41,16 +41,37 @@ def launcher_flags() -> list[str]:
 
 
 def launcher_environment() -> dict[str, str]:
-    """Open MPI refuses to run as root unless told twice; MPICH needs nothing."""
-    if mpi_library() == "openmpi" and os.geteuid() == 0:
-        return {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    return {}
+    """Open MPI refuses to run as root unless told twice, and PRRTE hands each rank a pseudo-terminal
+    as its stdout, so pytest inside a job would color its summary lines (PY_COLORS=0 keeps them plain
+    text for the tests that count them); MPICH needs nothing."""
+    if mpi_library() != "openmpi":
+        return {}
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
+    return {**root, "PY_COLORS": "0"}
 
 
 def keep_running_flags() -> list[str]:
-    """Flags that let a job go on after one rank exits on its own (hydra: -disable-auto-cleanup; PRRTE
-    has no such option and ends the job, see docs/cluster.rst)."""
-    return ["-disable-auto-cleanup"] if mpi_library() == "mpich" else []
+    """Flags that let a job go on after one rank's process exits on its own with a non-zero status
+    (hydra: -disable-auto-cleanup; PRRTE: the runtime option error-nonzero-status=false). Neither lets
+    it survive a rank killed by a signal (measured: docs/cluster.rst, "Lost workers")."""
+    if mpi_library() == "mpich":
+        return ["-disable-auto-cleanup"]
+    return ["--runtime-options", "error-nonzero-status=false"]
+
+
+def network_path_environment() -> dict[str, str]:
+    """Environment that makes one machine's ranks talk as between nodes, without shared memory: MPICH's
+    MPIR_CVAR_NOLOCAL=1; Open MPI's TCP transport and its RDMA one-sided component (osc/rdma over
+    btl/tcp; by default a one-node job takes osc/sm and btl/sm)."""
+    if mpi_library() == "mpich":
+        return {"MPIR_CVAR_NOLOCAL": "1"}
+    return {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_osc": "rdma"}
+
+
+#: why the tests of several nodes on one machine run under MPICH only
+MPICH_CLIQUES_ONLY = ("one machine is made several nodes with MPICH's MPIR_CVAR_NUM_CLIQUES or MPIR_CVAR_NOLOCAL; "
+                      "Open MPI has no such setting (its ranks on one host are always one node to "
+                      "MPI_COMM_TYPE_SHARED), so these run in the MPICH leg of .ci/run")
 
 
 def mpisgd_command() -> str:

@@ -38,7 +38,6 @@ from mpi4py import MPI
 from mpisgd import arrays
 from mpisgd.arrays import MPI_OPS
 from mpisgd.comm.policy import HIER, NATIVE, RHD, RING, SHM, large_message_algorithm
-from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -50,30 +49,25 @@ _TAG_RHD = 7102
 _TAG_RING = 7103
 
 
-def exchange(comm: MPI.Comm, ops, send, dest: int, recv, source: int, tag: int, *, polite: bool) -> None:
-    """Send ``send`` to ``dest`` while receiving ``recv`` from ``source``.
-
-    ``polite``: wait by testing and yielding the CPU instead of MPI's busy poll. On an
-    oversubscribed node (more ranks than cores) a spinning rank takes the core from a rank that
-    still computes; yielding hands it back (gloo gets the same effect by sleeping in socket reads).
-    """
-    if not polite:
-        comm.Sendrecv(ops.buffer(send), dest, tag, ops.buffer(recv), source, tag)
-        return
-    requests = [comm.Irecv(ops.buffer(recv), source, tag), comm.Isend(ops.buffer(send), dest, tag)]
-    wait_requests(requests, polite)
+#: how the algorithms complete their requests: the communicator's watchdog (``Watchdog.wait``: tests with a
+#: deadline, yielding the CPU while spinning, so that on an oversubscribed node a waiting rank hands its core
+#: to one that still computes); the plain MPI_Waitall when an algorithm runs on a bare MPI communicator
+Wait = Callable[[list], None]
 
 
-#: polite waits only yield the CPU: a sleep's granularity would cost more than the message
-_YIELDING = Backoff(spin=True)
-
-
-def wait_requests(requests: list, polite: bool) -> None:
-    """Waitall; ``polite``: by testing and yielding the CPU (see ``exchange``)."""
-    if not polite:
+def wait_requests(requests: list, wait: Optional[Wait] = None) -> None:
+    """Complete ``requests`` with ``wait`` (default: MPI_Waitall)."""
+    if wait is None:
         MPI.Request.Waitall(requests)
-        return
-    wait_until(lambda: MPI.Request.Testall(requests), what="MPI requests", backoff=_YIELDING)
+    else:
+        wait(requests)
+
+
+def exchange(comm: MPI.Comm, ops, send, dest: int, recv, source: int, tag: int, *,
+             wait: Optional[Wait] = None) -> None:
+    """Send ``send`` to ``dest`` while receiving ``recv`` from ``source`` (nonblocking, completed by ``wait``)."""
+    requests = [comm.Irecv(ops.buffer(recv), source, tag), comm.Isend(ops.buffer(send), dest, tag)]
+    wait_requests(requests, wait)
 
 
 def segments(length: int, segment: int) -> list[tuple[int, int]]:
@@ -86,7 +80,7 @@ def segments(length: int, segment: int) -> list[tuple[int, int]]:
 
 
 def exchange_reduce(comm: MPI.Comm, ops, send, dest: int, acc, scratch, source: int, op: str, tag: int, *,
-                    polite: bool, segment: int) -> None:
+                    wait: Optional[Wait], segment: int) -> None:
     """Send ``send`` to ``dest``; reduce into ``acc`` what ``source`` sends (``scratch``: as long as ``acc``).
 
     ``segment`` (elements, 0 = whole): the incoming data arrives in pieces, alternating between two
@@ -104,12 +98,12 @@ def exchange_reduce(comm: MPI.Comm, ops, send, dest: int, acc, scratch, source: 
 
     pending = [receive(k) for k in range(min(2, len(pieces)))]
     for k, (a, b) in enumerate(pieces):
-        wait_requests([pending[k]], polite)
+        wait_requests([pending[k]], wait)
         if b > a:
             ops.reduce_(acc[a:b], slots[k % len(slots)][:b - a], op)
         if k + 2 < len(pieces):  # into the slot just reduced: piece k + 1 arrives meanwhile
             pending.append(receive(k + 2))
-    wait_requests(sends, polite)
+    wait_requests(sends, wait)
 
 
 def block_bounds(n: int, parts: int) -> list[int]:
@@ -121,12 +115,12 @@ def block_bounds(n: int, parts: int) -> list[int]:
     return bounds
 
 
-def allreduce_native(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False,
+def allreduce_native(comm: MPI.Comm, buf, scratch, ops, op: str, *, wait: Optional[Wait] = None,
                      segment: int = 0) -> None:
-    comm.Allreduce(MPI.IN_PLACE, ops.buffer(buf), op=MPI_OPS[op])
+    wait_requests([comm.Iallreduce(MPI.IN_PLACE, ops.buffer(buf), op=MPI_OPS[op])], wait)
 
 
-def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False,
+def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, wait: Optional[Wait] = None,
                   segment: int = 0) -> None:
     size, rank, n = comm.Get_size(), comm.Get_rank(), len(buf)
     if size == 1 or n == 0:
@@ -137,13 +131,13 @@ def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = 
         half = n // 2
         if rank % 2 == 0:
             exchange_reduce(comm, ops, buf[half:], rank + 1, buf[:half], scratch[:half], rank + 1, op,
-                            _TAG_FOLD, polite=polite, segment=segment)
-            comm.Send(ops.buffer(buf[:half]), dest=rank + 1, tag=_TAG_FOLD)
-            comm.Recv(ops.buffer(buf), source=rank + 1, tag=_TAG_FOLD)
+                            _TAG_FOLD, wait=wait, segment=segment)
+            wait_requests([comm.Isend(ops.buffer(buf[:half]), dest=rank + 1, tag=_TAG_FOLD)], wait)
+            wait_requests([comm.Irecv(ops.buffer(buf), source=rank + 1, tag=_TAG_FOLD)], wait)
             return
         exchange_reduce(comm, ops, buf[:half], rank - 1, buf[half:], scratch[half:n], rank - 1, op, _TAG_FOLD,
-                        polite=polite, segment=segment)
-        comm.Recv(ops.buffer(buf[:half]), source=rank - 1, tag=_TAG_FOLD)
+                        wait=wait, segment=segment)
+        wait_requests([comm.Irecv(ops.buffer(buf[:half]), source=rank - 1, tag=_TAG_FOLD)], wait)
         vrank = rank // 2
     else:
         vrank = rank - folded
@@ -152,14 +146,14 @@ def allreduce_rhd(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = 
         return 2 * v + 1 if v < folded else v + folded
 
     bounds = block_bounds(n, pof2)
-    kept = _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, polite,
+    kept = _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, wait,
                                    segment)
-    _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, polite)
+    _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, wait)
     if rank < 2 * folded:
-        comm.Send(ops.buffer(buf), dest=rank - 1, tag=_TAG_FOLD)
+        wait_requests([comm.Isend(ops.buffer(buf), dest=rank - 1, tag=_TAG_FOLD)], wait)
 
 
-def _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, polite,
+def _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, real_rank, wait,
                             segment) -> list:
     """Recursive halving, nearest partner first: at distance 1, 2, 4, ... each rank keeps half of its
     range (the lower half when its bit at that distance is 0). The first and largest exchanges stay
@@ -174,14 +168,14 @@ def _reduce_scatter_halving(comm, buf, scratch, ops, op, vrank, pof2, bounds, re
         (keep_lo, keep_hi), (send_lo, send_hi) = ((mid, hi), (lo, mid)) if vrank & mask else ((lo, mid), (mid, hi))
         k0, k1, s0, s1 = bounds[keep_lo], bounds[keep_hi], bounds[send_lo], bounds[send_hi]
         exchange_reduce(comm, ops, buf[s0:s1], partner, buf[k0:k1], scratch[k0:k1], partner, op, _TAG_RHD,
-                        polite=polite, segment=segment)
+                        wait=wait, segment=segment)
         lo, hi = keep_lo, keep_hi
         kept.append((lo, hi))
         mask <<= 1
     return kept
 
 
-def _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, polite) -> None:
+def _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, wait) -> None:
     """The reduce-scatter's steps backwards: at distance pof2/2, ..., 2, 1 a rank sends the range it
     holds and receives its partner's, the other half of the range it held one step earlier."""
     mask = pof2 >> 1
@@ -191,11 +185,11 @@ def _allgather_doubling(comm, buf, ops, vrank, pof2, bounds, real_rank, kept, po
         parent_lo, parent_hi = kept[step - 1] if step else (0, pof2)
         other_lo, other_hi = (parent_lo, lo) if lo > parent_lo else (hi, parent_hi)
         exchange(comm, ops, buf[bounds[lo]:bounds[hi]], partner, buf[bounds[other_lo]:bounds[other_hi]], partner,
-                 _TAG_RHD, polite=polite)
+                 _TAG_RHD, wait=wait)
         mask >>= 1
 
 
-def allreduce_ring(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool = False,
+def allreduce_ring(comm: MPI.Comm, buf, scratch, ops, op: str, *, wait: Optional[Wait] = None,
                    segment: int = 0) -> None:
     size, rank, n = comm.Get_size(), comm.Get_rank(), len(buf)
     if size == 1 or n == 0:
@@ -209,11 +203,10 @@ def allreduce_ring(comm: MPI.Comm, buf, scratch, ops, op: str, *, polite: bool =
     for step in range(size - 1):  # reduce-scatter: rank ends owning block (rank + 1) % size
         send_block, recv_block = (rank - step) % size, (rank - step - 1) % size
         exchange_reduce(comm, ops, block(buf, send_block), right, block(buf, recv_block),
-                        block(scratch, recv_block), left, op, _TAG_RING, polite=polite, segment=segment)
+                        block(scratch, recv_block), left, op, _TAG_RING, wait=wait, segment=segment)
     for step in range(size - 1):  # allgather: pass the owned blocks around
         send_block, recv_block = (rank + 1 - step) % size, (rank - step) % size
-        exchange(comm, ops, block(buf, send_block), right, block(buf, recv_block), left, _TAG_RING,
-                 polite=polite)
+        exchange(comm, ops, block(buf, send_block), right, block(buf, recv_block), left, _TAG_RING, wait=wait)
 
 
 # ---- the registry ---------------------------------------------------------------------------
@@ -246,7 +239,7 @@ class AllreduceAlgorithm:
 
 
 class PointToPoint(AllreduceAlgorithm):
-    """rhd, ring and native: functions of (MPI comm, buf, scratch, ops, op, polite=, segment=)."""
+    """rhd, ring and native: functions of (MPI comm, buf, scratch, ops, op, wait=, segment=)."""
 
     def __init__(self, name: str, function: Callable[..., None], *, scratch: bool = True) -> None:
         self.name, self.function, self.scratch = name, function, scratch
@@ -264,7 +257,7 @@ def run_point_to_point(algorithm: PointToPoint, comm: Communicator, over: MPI.Co
     """Run ``algorithm`` over ``over`` (the communicator's MPI comm, or its cross-node one) with scratch
     from ``comm``'s workspace under ``role``."""
     scratch = comm.scratch(ops, arrays.dtype_name(flat), len(flat), role) if algorithm.scratch else None
-    algorithm.function(over, flat, scratch, ops, op, polite=comm.polite, segment=comm.segment_elements(ops, flat))
+    algorithm.function(over, flat, scratch, ops, op, wait=comm.watchdog.wait, segment=comm.segment_elements(ops, flat))
 
 
 class SharedWindow(AllreduceAlgorithm):

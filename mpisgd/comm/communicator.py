@@ -25,6 +25,7 @@ from mpisgd.comm.config import NON_POWER_OF_TWO_CHOICES, AllreduceConfig
 from mpisgd.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBucket, fusion_buckets
 from mpisgd.comm.policy import Nodes, Request, Situation, is_power_of_two
 from mpisgd.comm.shm import SharedMemoryAllreduce
+from mpisgd.comm.watchdog import ArrivalBoard, Watchdog, WatchdogSettings
 from mpisgd.errors import CollectiveMismatchError, CommError, ConfigError, JobFailedError, SharedConfigError
 
 __all__ = ["ALGORITHM_NAMES", "DEFAULT_BUCKET_BYTES", "NON_POWER_OF_TWO_CHOICES", "OPS", "SHM_FUSION_MIN_BYTES",
@@ -55,15 +56,22 @@ class Communicator:
     Args:
         comm: the MPI communicator to duplicate; COMM_WORLD when None.
         config: how ``auto`` chooses an algorithm and whether collectives are checked.
+        timeout: seconds a collective may make no progress before every live rank raises
+            :class:`~mpisgd.errors.CollectiveTimeout` (default: ``--collective-timeout``, else
+            ``MPISGD_COLLECTIVE_TIMEOUT``, else 600; 0: off).
+        stall_warning: seconds before a waiting rank logs who has not arrived (default 60; 0: never).
 
+    Every collective is nonblocking MPI waited on by :attr:`watchdog` (:mod:`mpisgd.comm.watchdog`).
     Attributes ``rank``, ``size``, ``local_rank``, ``local_size`` (ranks on this node, from MPI's
     shared-memory split, not from launcher variables) and ``num_nodes`` are fixed at creation;
     ``situation`` is what the policy's table is asked with.
     Call :meth:`free` (or use ``with``) to release the duplicated communicators.
     """
 
-    def __init__(self, comm: Optional[MPI.Comm] = None, *, config: Optional[AllreduceConfig] = None):
+    def __init__(self, comm: Optional[MPI.Comm] = None, *, config: Optional[AllreduceConfig] = None,
+                 timeout: Optional[float] = None, stall_warning: Optional[float] = None):
         self.config = config or AllreduceConfig()
+        settings = WatchdogSettings.resolve(timeout, stall_warning)
         self._mpi: Optional[MPI.Comm] = (comm if comm is not None else MPI.COMM_WORLD).Dup()
         self._local: Optional[MPI.Comm] = self._mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self._mpi.Get_rank())
         self.rank = self._mpi.Get_rank()
@@ -79,6 +87,9 @@ class Communicator:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.oversubscribed = self.local_size > cores
         self.polite = {"auto": self.oversubscribed, "1": True, "0": False}[self.config.yield_when_waiting]
+        # created whatever the settings (they may differ between ranks), so its collective creation matches
+        self._board: Optional[ArrivalBoard] = ArrivalBoard(self._mpi) if self.size > 1 else None
+        self.watchdog = Watchdog(self.rank, self.size, settings, board=self._board)
         self._check_buf = np.zeros(2, dtype=np.int64)
         self._shm: Optional[SharedMemoryAllreduce] = None
         self._choices: dict = {}
@@ -131,6 +142,9 @@ class Communicator:
         if self._shm is not None and not MPI.Is_finalized():
             self._shm.free()
         self._shm = None
+        if self._board is not None and not MPI.Is_finalized():
+            self._board.free()
+        self._board = self.watchdog.board = None
         for c in (self._cross, self._local, self._mpi):
             if c is not None and not MPI.Is_finalized():
                 c.Free()
@@ -145,7 +159,14 @@ class Communicator:
             self.free()
 
     def barrier(self) -> None:
-        self.mpi.Barrier()
+        self.watchdog.enter("barrier")
+        self.watchdog.wait([self.mpi.Ibarrier()])
+
+    def wait(self, requests: list, name: str) -> None:
+        """Enter the collective ``name`` and complete its nonblocking MPI ``requests`` (started on
+        :attr:`mpi`) under the watchdog: for collectives of code outside this class."""
+        self.watchdog.enter(name)
+        self.watchdog.wait(requests)
 
     # ---- workspace -----------------------------------------------------------------------
     def scratch(self, ops: Any, dtype: str, n: int, role: str) -> Any:
@@ -224,7 +245,8 @@ class Communicator:
         if self._shm is None and (required or self.situation.window):
             error = None
             try:  # the same verdict on every rank of a node: its free space is agreed by MPI_MIN
-                self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite)
+                self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite,
+                                                  wait=self.watchdog.wait)
             except CommError as exc:
                 error = str(exc)
             # ... and across nodes, which run "hier" together: one node without a window refuses it for all
@@ -251,7 +273,8 @@ class Communicator:
         description = {"call": call, **fields}
         digest = zlib.crc32(repr(description).encode())
         self._check_buf[0], self._check_buf[1] = digest, -digest
-        self.mpi.Allreduce(MPI.IN_PLACE, self._check_buf, op=MPI.MAX)
+        self.watchdog.enter(f"{call} (argument check)")
+        self.watchdog.wait([self.mpi.Iallreduce(MPI.IN_PLACE, self._check_buf, op=MPI.MAX)])
         if self._check_buf[0] == -self._check_buf[1]:
             return
         everyone = self.mpi.allgather(description)
@@ -273,6 +296,11 @@ class Communicator:
         arrives as a SharedConfigError, anything else as a JobFailedError.
         """
         message = None if error is None else (type(error).__name__, str(error), isinstance(error, ConfigError))
+        failed_here = np.array([0 if error is None else 1], dtype=np.int64)
+        self.watchdog.enter("raise_together")  # one integer under the watchdog; the texts only on failure
+        self.watchdog.wait([self.mpi.Iallreduce(MPI.IN_PLACE, failed_here, op=MPI.MAX)])
+        if not failed_here[0]:
+            return
         reports = self.mpi.allgather(message)
         failed = [(rank, rep) for rank, rep in enumerate(reports) if rep is not None]
         if not failed:
@@ -291,6 +319,7 @@ class Communicator:
             raise ConfigError(f"op='mean' needs a floating dtype, got {name}")
         if self.config.check_collectives:
             self.check_agreement("allreduce", op=op, algorithm=algorithm, dtype=name, shape=tuple(x.shape))
+        self.watchdog.enter("allreduce_")
         work = backend.work_buffer(x)
         self._reduce_flat(work.flat, work.ops, op, algorithm)
         work.finish()
@@ -334,6 +363,7 @@ class Communicator:
             self.check_agreement("allreduce_many", op=op, algorithm=algorithm,
                                  arrays=tuple((n, tuple(a.shape)) for n, a in zip(names, arrays)))
         reduce_op, divisor = ("sum", self.size) if op == "mean" else (op, 1)
+        self.watchdog.enter("allreduce_many_")
         use_window = (ALGORITHMS[algorithm].packs_buckets if algorithm != "auto"
                       else policy.window_takes_fused_buckets(self.situation))
         buckets = fusion_buckets(arrays, bucket_bytes, host_bucket_bytes=min(
@@ -365,7 +395,8 @@ class Communicator:
         self.check_agreement("broadcast", root=root, dtype=name, shape=tuple(x.shape))
         work = backend.work_buffer(x)
         if len(work.flat):
-            self.mpi.Bcast(work.ops.buffer(work.flat), root=root)
+            self.watchdog.enter("broadcast_")
+            self.watchdog.wait([self.mpi.Ibcast(work.ops.buffer(work.flat), root=root)])
         work.finish()
         return x
 
@@ -378,7 +409,8 @@ class Communicator:
         for bucket in fusion_buckets(arrays, DEFAULT_BUCKET_BYTES):
             flat = self.scratch(bucket.ops, bucket.dtype, bucket.numel, "fusion")
             bucket.pack(flat)
-            self.mpi.Bcast(bucket.ops.buffer(flat), root=root)
+            self.watchdog.enter("broadcast_many_")
+            self.watchdog.wait([self.mpi.Ibcast(bucket.ops.buffer(flat), root=root)])
             bucket.unpack(flat)
         return arrays
 

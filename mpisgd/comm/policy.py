@@ -8,7 +8,8 @@ power-of-two process count, else ``non_power_of_two``); a band naming no algorit
 on to the next rule. The thresholds are named :class:`Threshold` data in the table, and
 :class:`~mpisgd.comm.config.AllreduceConfig` overrides them by name.
 
-The rules were measured with MPICH (BENCHMARKS.md); Open MPI runs the same until measured apart.
+The rules were measured with MPICH (BENCHMARKS.md); two rules measured with Open MPI 5 on one node
+(BENCHMARKS.md, "Open MPI") come first for it, and otherwise it runs the MPICH rules.
 Every rank asks with the same facts and gets the same answer, so they all enter the same collective.
 """
 
@@ -68,6 +69,11 @@ NATIVE_MORE_RANKS = Threshold("native_below_bytes", 4 << 20)
 SHM_SINGLE_BELOW = Threshold("shm_below_bytes", 4 << 20)
 #: below it, MPI's own Allreduce of a fused bucket is as fast: the window's two barriers cost as much
 SHM_FUSION_FROM = Threshold("shm_fusion_min_bytes", 256 << 10)
+#: Open MPI 5, p=2: rhd 0.73x its own at 1 MiB, native 0.75x rhd at 256 KiB
+OPEN_MPI_NATIVE_UP_TO_TWO_RANKS = Threshold("native_below_bytes", 1 << 20)
+#: Open MPI 5, p=3: its own beats shm, rhd and ring up to 16 MiB (ring 1.08x), ring 0.49x at 64 MiB
+OPEN_MPI_NATIVE_NOT_POWER_OF_TWO = Threshold("native_below_bytes", 32 << 20)
+OPEN_MPI = frozenset({MpiLibrary.OPEN_MPI})
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,12 @@ RULES: Sequence[Rule] = (
     Rule("fused host bucket on one node",
          lambda s, r: r.fused and r.host and s.window_on_one_node,
          _ladder(Band(SHM_FUSION_FROM, None), Band(None, SHM))),
+    Rule("Open MPI: up to two ranks on one node",
+         lambda s, r: s.size <= 2 and s.nodes is Nodes.ONE,
+         _ladder(Band(OPEN_MPI_NATIVE_UP_TO_TWO_RANKS, NATIVE), Band(None, LARGE)), OPEN_MPI),
+    Rule("Open MPI: not a power of two on one node, shm for single vectors not configured",
+         lambda s, r: s.nodes is Nodes.ONE and not s.power_of_two and s.overrides.get(SHM_SINGLE_BELOW.name) is None,
+         _ladder(Band(OPEN_MPI_NATIVE_NOT_POWER_OF_TWO, NATIVE), Band(None, LARGE)), OPEN_MPI),
     Rule("host vector on one node, where shm serves single vectors",
          lambda s, r: r.host and s.shm_for_single_vectors(),
          _ladder(Band(NATIVE_BESIDE_SHM, NATIVE), Band(SHM_SINGLE_BELOW, SHM), Band(None, LARGE))),
@@ -196,6 +208,8 @@ def _threshold_of(situation: Situation, request: Request, algorithm: str) -> int
             for band in rule.bands:
                 if band.algorithm == algorithm and band.below is not None:
                     return situation.bytes_of(band.below)
+            if any(band.below is not None for band in rule.bands):
+                return 0  # the first rule with limits that applies sets them (one rank's has none)
     return 0
 
 

@@ -25,8 +25,9 @@ carries each node's vector once, split over all its ranks, instead of every rank
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, cast
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 from mpi4py import MPI
@@ -34,6 +35,8 @@ from mpi4py import MPI
 from mpisgd.arrays import HOST_OPS
 from mpisgd.comm.algorithms import block_bounds, wait_requests
 from mpisgd.errors import CommError
+
+log = logging.getLogger(__name__)
 
 #: elements reduced per pass over the slots: the partial sums stay in cache between slots
 _CACHE_ELEMENTS = 16384
@@ -49,15 +52,19 @@ class SharedMemoryAllreduce:
     cannot hold the window (checked on /dev/shm, where MPICH puts it) or MPI cannot allocate it.
     """
 
-    def __init__(self, comm: MPI.Comm, area_bytes: int, *, polite: bool) -> None:
+    def __init__(self, comm: MPI.Comm, area_bytes: int, *, polite: bool,
+                 wait: Optional[Callable[[list], None]] = None) -> None:
         self.comm, self.polite = comm, polite
+        self.wait = wait  # the communicator's watchdog (its barriers have a deadline); None: MPI_Waitall
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.area_bytes = area_bytes - area_bytes % 8
         needed = 2 * self.area_bytes * (self.size + 1)  # every rank's slots + the result
         room = comm.allreduce(_free_shared_memory(), op=MPI.MIN)
         if room < 2 * needed:  # twice: room for the MPI library's own shared memory and other jobs
-            raise CommError(f"shared-memory all-reduce wants {2 * needed >> 20} MiB free in /dev/shm, "
-                            f"{room >> 20} MiB are; lower MPISGD_SHM_AREA_BYTES or use another algorithm")
+            problem = shared_memory_shortage(2 * needed, room, self.area_bytes)
+            if self.rank == 0:
+                log.warning("%s", problem)
+            raise CommError(problem)
         windows, error = [], None
         try:
             node = cast(MPI.Intracomm, comm)  # a shared-memory split: an intracommunicator
@@ -135,7 +142,7 @@ class SharedMemoryAllreduce:
     def _barrier(self) -> None:
         self.slots_win.Sync()
         self.result_win.Sync()
-        wait_requests([self.comm.Ibarrier()], self.polite)
+        wait_requests([self.comm.Ibarrier()], self.wait)
         self.slots_win.Sync()
         self.result_win.Sync()
 
@@ -147,6 +154,15 @@ class SharedMemoryAllreduce:
         for win in (self.slots_win, self.result_win):
             win.Unlock_all()
             win.Free()
+
+
+def shared_memory_shortage(wanted: int, free: int, area_bytes: int) -> str:
+    """The message for a /dev/shm too small for the window: the sizes, and the ways out."""
+    return (f"the shared-memory all-reduce window needs {wanted >> 20} MiB free in /dev/shm, and only "
+            f"{free >> 20} MiB are free there (on the fullest node). Fix: give the container more "
+            f"(docker run --shm-size={max(1, -(-wanted // 2**30))}g, Kubernetes: an emptyDir with medium Memory "
+            f"on /dev/shm), or shrink the window (MPISGD_SHM_AREA_BYTES, now {area_bytes}), or do without it "
+            "(MPISGD_SHM=0, or --algorithm rhd / ring)")
 
 
 def _free_shared_memory() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Protocol, TypeVar
 
 from mpisgd.errors import CommError
 
@@ -27,16 +27,28 @@ class Backoff:
     """Pause after an idle poll, a little longer each time, reset as soon as work arrives.
 
     ``spin=True`` only yields the CPU (``sched_yield``) instead of sleeping: for latency-bound waits on
-    collectives, where a sleep's granularity would cost more than the message.
+    collectives, where a sleep's granularity would cost more than the message. ``spin_for`` (seconds)
+    spins that long first and sleeps afterwards: a collective that is not done after it waits for a
+    peer's computation, not for the wire, and a sleeping rank gives its core back.
     """
 
     def __init__(self, *, first: float = FIRST_SLEEP_S, longest: float = LONGEST_SLEEP_S, spin: bool = False,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, spin_for: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.first, self.longest, self.spin, self._sleep = first, longest, spin, sleep
+        self.spin_for, self._clock = spin_for, clock
         self.pause = first
+        self._spin_until: Optional[float] = None
 
     def idle(self) -> None:
-        if self.spin:
+        if self.spin_for is not None:
+            now = self._clock()
+            if self._spin_until is None:
+                self._spin_until = now + self.spin_for
+            if now < self._spin_until:
+                os.sched_yield()
+                return
+        elif self.spin:
             os.sched_yield()
             return
         self._sleep(self.pause)
@@ -44,11 +56,22 @@ class Backoff:
 
     def busy(self) -> None:
         self.pause = self.first
+        self._spin_until = None
+
+
+class Watch(Protocol):
+    """Something a long wait reports to (the collective watchdog): ``first_check`` seconds into the wait
+    :func:`wait_until` calls ``check(waited)``, which returns when (seconds into the wait) to be called
+    next, and may raise to end the wait. One comparison per poll costs the fast path nothing."""
+
+    first_check: float
+
+    def check(self, waited: float) -> float: ...
 
 
 def wait_until(ready: Callable[[], Optional[T]], *, timeout: Optional[float] = None, what: str = "a condition",
                backoff: Optional[Backoff] = None, clock: Callable[[], float] = time.monotonic,
-               on_timeout: Optional[Callable[[], None]] = None) -> T:
+               on_timeout: Optional[Callable[[], None]] = None, watch: Optional[Watch] = None) -> T:
     """Call ``ready()`` until it returns something other than None/False, and return that.
 
     Args:
@@ -58,14 +81,21 @@ def wait_until(ready: Callable[[], Optional[T]], *, timeout: Optional[float] = N
         backoff: how to pause between polls (default: sleeps from 0.1 ms doubling to 5 ms).
         clock: monotonic seconds; injectable for tests.
         on_timeout: called instead of raising (it may raise its own error); then the wait returns None.
+        watch: told how long the wait has lasted at the times it asks for (:class:`Watch`).
     """
     backoff = backoff or Backoff()
-    deadline = None if timeout is None else clock() + timeout
+    start = clock() if timeout is not None or watch is not None else 0.0
+    deadline = None if timeout is None else start + timeout
+    next_check = None if watch is None else start + watch.first_check
     while True:
         result = ready()
         if result is not None and result is not False:
             return result
-        if deadline is not None and clock() >= deadline:
+        now = clock() if deadline is not None or next_check is not None else 0.0
+        if next_check is not None and now >= next_check:
+            assert watch is not None
+            next_check = start + watch.check(now - start)
+        if deadline is not None and now >= deadline:
             if on_timeout is not None:
                 on_timeout()
                 return None  # type: ignore[return-value]

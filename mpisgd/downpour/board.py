@@ -4,7 +4,10 @@ without ever waiting for each other.
 Layout (float64 elements): a header of :class:`Header` fields, written only by server 0 (the
 coordinator: phase of the job, stop reason, warm-start gate, exit code, checkpoint requests), then one
 row per worker of :class:`RowField` fields, a staleness histogram and the worker's float model
-buffers (batch-norm statistics), written only by that worker. Every access is one RMA operation that is
+buffers (batch-norm statistics), written only by that worker; last, the clocks of bounded staleness
+(``--max-staleness``): one clock per worker (its finished steps, written by that worker; ``inf`` once it
+is done or failed) and one exclusion flag per worker (written by server 0: 1 while it counts the
+worker as dead). Every access is one RMA operation that is
 atomic per element (``Accumulate(REPLACE)`` to write, ``Get_accumulate(NO_OP)`` to read), so a reader
 never sees a torn value; a row read while its worker writes may mix two reports, which only ever
 matters as one report of lag.
@@ -53,6 +56,7 @@ class StopReason(IntEnum):
     TARGET_ACCURACY = 2
     NONFINITE = 3
     NO_WORKERS = 4
+    PREEMPTED = 5  # a stop signal reached server 0 (mpisgd.training.preemption): checkpoint, no final model
 
     @property
     def label(self) -> str:
@@ -119,8 +123,13 @@ class BoardLayout:
         return self.buffers_offset + self.buffer_size
 
     @property
-    def size(self) -> int:
+    def clocks_offset(self) -> int:
+        """Offset of the workers' clocks (one per worker), followed by their exclusion flags."""
         return HEADER_SIZE + self.num_workers * self.row_size
+
+    @property
+    def size(self) -> int:
+        return self.clocks_offset + 2 * self.num_workers
 
     def row(self, worker_index: int) -> int:
         """Offset of worker ``worker_index``'s row."""
@@ -196,6 +205,28 @@ class WorkerRows:
         return WorkerRows(self.values.copy(), self.layout)
 
 
+@dataclass(frozen=True)
+class WorkerClocks:
+    """The clocks of bounded staleness as read: steps finished per worker, and who is counted dead."""
+
+    clocks: np.ndarray
+    excluded: np.ndarray
+
+    def live(self) -> np.ndarray:
+        """Clocks of the workers that still train and are not counted dead."""
+        return self.clocks[~self.excluded & np.isfinite(self.clocks)]
+
+    def slowest(self) -> float:
+        """The fewest steps a live worker has finished (``inf`` when none is live)."""
+        live = self.live()
+        return float(live.min()) if len(live) else float("inf")
+
+    def spread(self) -> int:
+        """Max - min of the live workers' clocks (0 with fewer than two)."""
+        live = self.live()
+        return int(live.max() - live.min()) if len(live) else 0
+
+
 class WorkerReport:
     """One worker's own row, kept locally and written whole at each report (the heartbeat)."""
 
@@ -231,6 +262,7 @@ class JobBoard:
         self.windows: ParameterServerWindows = client.windows
         self.layout: BoardLayout = self.windows.board_layout
         self._rows = np.zeros(self.layout.num_workers * self.layout.row_size, dtype=np.float64)
+        self._clocks = np.zeros(2 * self.layout.num_workers, dtype=np.float64)
 
     # ---- server 0 ---------------------------------------------------------------------------
     def initialize(self, *, warm_open: bool) -> BoardHeader:
@@ -253,7 +285,17 @@ class JobBoard:
         self.client.read_board(HEADER_SIZE, len(self._rows), out=self._rows)
         return WorkerRows(self._rows, self.layout)
 
+    def set_excluded(self, worker_index: int, excluded: bool) -> None:
+        """Server 0: count worker ``worker_index`` out of (or back into) bounded staleness (it is dead)."""
+        offset = self.layout.clocks_offset + self.layout.num_workers + worker_index
+        self.client.write_board(offset, np.array([float(excluded)]))
+
     # ---- everybody ----------------------------------------------------------------------------
+    def read_clocks(self) -> WorkerClocks:
+        """Every worker's clock and exclusion flag, in one read."""
+        self.client.read_board(self.layout.clocks_offset, 2 * self.layout.num_workers, out=self._clocks)
+        return WorkerClocks(self._clocks[:self.layout.num_workers], self._clocks[self.layout.num_workers:] > 0)
+
     def read_header(self, header: BoardHeader | None = None) -> BoardHeader:
         """The header (into ``header`` when given)."""
         header = header or BoardHeader()
@@ -267,3 +309,7 @@ class JobBoard:
         row.add(RowField.HEARTBEAT)
         self.client.write_board(row.offset, row.values, read_offset=0, read_into=header.values)
         return header
+
+    def publish_clock(self, worker_index: int, clock: float) -> None:
+        """This worker's clock: the steps it has finished (``inf``: it holds nobody back any more)."""
+        self.client.write_board(self.layout.clocks_offset + worker_index, np.array([float(clock)]))

@@ -5,7 +5,11 @@ Every call completes its operations with ``Flush`` before returning, inside the 
 windows opened once; no call ever waits for a lock, so a worker never waits for a busy server on the
 shared-memory path (on the network path, an operation completes when the target next polls MPI).
 Bad input (wrong length, dtype, non-finite values) raises on the calling rank before any RMA call, so
-it can never reach a shard.
+it can never reach a shard. Every target range (shard, displacement, length) is checked against what that
+shard's server really exposes (:attr:`ParameterServerWindows.exposed`, exchanged at creation) before the
+first ``Accumulate``: a push that would write outside its shard (a worker whose layout or model disagrees
+with the servers', a bad partial push) is refused whole, counted in the shard's REFUSED counter and in
+:attr:`ParameterClient.refused_pushes`, and raises `PushOutOfShardError`; the shard is untouched.
 """
 
 from __future__ import annotations
@@ -13,12 +17,33 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from mpisgd.downpour.windows import CLAIMS, CONTROL_SLOTS, PUSHES, VERSION, ParameterServerWindows
+from mpisgd.downpour.windows import CLAIMS, CONTROL_SLOTS, PUSHES, REFUSED, VERSION, ParameterServerWindows
 from mpisgd.errors import ConfigError, MpisgdError
 
 
 class NonFinitePushError(MpisgdError, FloatingPointError):
     """A gradient to push holds NaN or Inf; nothing was sent."""
+
+
+class PushOutOfShardError(MpisgdError, IndexError):
+    """A push would have written outside a shard (displacement or length beyond what its server exposes);
+    nothing of it was sent, and the refusal was counted."""
+
+
+def out_of_shard(exposed: tuple, shard: object, offset: object, length: object) -> str | None:
+    """Why writing ``length`` elements at ``offset`` of ``shard`` would leave the shard, else None.
+
+    Args:
+        exposed: elements each shard's server exposes (`ParameterServerWindows.exposed`).
+    """
+    if not isinstance(shard, (int, np.integer)) or not 0 <= shard < len(exposed):
+        return f"shard {shard!r} does not exist (shards 0..{len(exposed) - 1})"
+    if not isinstance(offset, (int, np.integer)) or not isinstance(length, (int, np.integer)):
+        return f"displacement {offset!r} and length {length!r} must be ints"
+    if offset < 0 or length < 0 or offset + length > exposed[shard]:
+        return (f"elements {offset}..{offset + length - 1} are outside shard {shard}, which holds "
+                f"{exposed[shard]} (0..{exposed[shard] - 1})")
+    return None
 
 
 class ParameterClient:
@@ -42,6 +67,10 @@ class ParameterClient:
         self._claimed = np.zeros(1, dtype=np.int64)
         self._ignored = np.zeros(CONTROL_SLOTS, dtype=np.int64)  # origin of NO_OP reads (unused by MPI)
         self._ignored_board = np.zeros(windows.board_layout.size, dtype=np.float64)
+        self._one_refusal = np.zeros(CONTROL_SLOTS, dtype=np.int64)
+        self._one_refusal[REFUSED] = 1
+        #: pushes this client refused because they would have written outside a shard
+        self.refused_pushes = 0
 
     # ---- validation ---------------------------------------------------------------------------
     def check_vector(self, vector: object, what: str, *, finite: bool) -> np.ndarray:
@@ -60,6 +89,25 @@ class ParameterClient:
             bad = int(np.count_nonzero(~np.isfinite(vector)))
             raise NonFinitePushError(f"{what} holds {bad} NaN/Inf value(s); not pushed")
         return vector
+
+    def check_targets(self, targets: list[tuple[int, int, int]], what: str) -> None:
+        """Refuse (count, then raise `PushOutOfShardError`) unless every (shard, displacement, length)
+        lies inside its shard; called before the first RMA call of a push, so a refused push sends nothing."""
+        for shard, offset, length in targets:
+            problem = out_of_shard(self.windows.exposed, shard, offset, length)
+            if problem:
+                self.refused_pushes += 1
+                self._count_refusal(shard)
+                raise PushOutOfShardError(f"{what} refused, nothing sent: {problem}")
+
+    def _count_refusal(self, shard: object) -> None:
+        """One more in the REFUSED counter of ``shard`` (shard 0 when it does not exist): the control
+        window, never the shard's data."""
+        valid = isinstance(shard, (int, np.integer)) and 0 <= shard < self.num_shards
+        rank = self.windows.server_rank(int(shard) if valid else 0)  # type: ignore[call-overload]
+        self.windows.control.Accumulate([self._one_refusal, MPI.INT64_T], rank, (0, CONTROL_SLOTS, MPI.INT64_T),
+                                        op=MPI.SUM)
+        self.windows.control.Flush(rank)
 
     # ---- parameters and gradients ---------------------------------------------------------------
     def pull_parameters(self, out: np.ndarray, *, as_reference: bool = True) -> np.ndarray:
@@ -99,9 +147,12 @@ class ParameterClient:
             Staleness per shard: updates that shard applied between this rank's last pull and this push.
 
         Raises:
-            ConfigError: wrong type, dtype or length; NonFinitePushError: NaN/Inf. Nothing is sent then.
+            ConfigError: wrong type, dtype or length; NonFinitePushError: NaN/Inf; PushOutOfShardError:
+                the layout disagrees with what a server exposes. Nothing is sent then.
         """
         self.check_vector(grads, "gradient", finite=True)
+        self.check_targets([(shard, 0, where.stop - where.start) for shard, where in enumerate(self._slices)],
+                           "gradient push")
         win = self.windows
         for shard, where in enumerate(self._slices):
             win.grads[shard].Accumulate([grads[where], MPI.FLOAT], win.server_rank(shard),
@@ -115,6 +166,28 @@ class ParameterClient:
             win.control.Flush(win.server_rank(shard))
         return self._counters[:, VERSION] - self.pulled_versions
 
+    def push_range(self, shard: int, offset: int, values: np.ndarray) -> None:
+        """Add ``values`` (float32, finite) to elements ``offset..offset+len-1`` of ``shard``'s accumulation
+        buffer and count one push there: for pieces of a model that live in one shard.
+
+        Raises:
+            ConfigError, NonFinitePushError, PushOutOfShardError (counted): nothing is sent then.
+        """
+        if not isinstance(values, np.ndarray) or values.ndim != 1:
+            raise ConfigError(f"a range push takes a flat numpy vector, got {type(values).__name__}")
+        if values.dtype != np.float32 or not values.flags.c_contiguous:
+            raise ConfigError(f"a range push takes C-contiguous float32, got {values.dtype}")
+        if not np.isfinite(values).all():
+            raise NonFinitePushError(f"range push holds {int((~np.isfinite(values)).sum())} NaN/Inf value(s); "
+                                     "not pushed")
+        self.check_targets([(shard, offset, len(values))], "range push")
+        win, rank = self.windows, self.windows.server_rank(shard)
+        win.grads[shard].Accumulate([values, MPI.FLOAT], rank, (int(offset), len(values), MPI.FLOAT), op=MPI.SUM)
+        win.grads[shard].Flush(rank)
+        win.control.Get_accumulate([self._one_push, MPI.INT64_T], [self._counters[shard], MPI.INT64_T], rank,
+                                   (0, CONTROL_SLOTS, MPI.INT64_T), op=MPI.SUM)
+        win.control.Flush(rank)
+
     # ---- counters and board ---------------------------------------------------------------------
     def claim_step(self) -> int:
         """Claim one training step of the job's shared budget; returns how many were claimed before
@@ -127,7 +200,8 @@ class ParameterClient:
         return int(self._claimed[0])
 
     def read_counters(self) -> np.ndarray:
-        """Every shard's control counters, shape (shards, CONTROL_SLOTS): VERSION, PUSHES, REJECTED."""
+        """Every shard's control counters, shape (shards, CONTROL_SLOTS): VERSION, PUSHES, REJECTED, CLAIMS,
+        REFUSED."""
         win = self.windows
         for shard in range(self.num_shards):
             win.control.Get_accumulate([self._ignored, MPI.INT64_T], [self._counters[shard], MPI.INT64_T],

@@ -41,6 +41,7 @@ class JobContext:
     rule_name: str
     num_batches: int  # per worker and epoch
     resumed: dict = field(default_factory=dict)
+    extension: Any = None  # what a system built on these windows adds (mpisgd.syncps: its own windows)
 
     @property
     def step_budget(self) -> int:

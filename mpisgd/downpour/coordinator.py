@@ -27,6 +27,7 @@ from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.server import ShardServer
 from mpisgd.downpour.windows import Counter
 from mpisgd.metrics import MetricsWriter
+from mpisgd.training import preemption
 from mpisgd.training.loop import checkpoint_metadata, evaluate, write_checkpoint, write_final_model
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Coordinator:
                 rows = self.board.read_rows()
                 self._check_liveness(rows)
                 self._open_warm_start(rows)
+                self._stop_if_preempted()
                 step = self.step()
                 if step >= self.next_log:
                     self._log_metrics(rows, step)
@@ -167,10 +169,12 @@ class Coordinator:
                 self.last_seen[index] = now
                 if self.dead[index]:
                     self.dead[index] = False
+                    self.board.set_excluded(index, False)
                     logger.warning("worker rank %d is back", workers[index])
             elif (not self.dead[index] and state == WorkerState.RUNNING
                   and now - self.last_seen[index] > self.cfg.worker_timeout):
                 self.dead[index] = True
+                self.board.set_excluded(index, True)  # bounded staleness no longer waits for it
                 logger.warning("worker rank %d: no heartbeat for %.1f s (--worker-timeout %s); counted as "
                                "dead, training goes on without it", workers[index], now - self.last_seen[index],
                                self.cfg.worker_timeout)
@@ -190,6 +194,14 @@ class Coordinator:
             self.board.set_header(self.header, Header.WARM_OPEN, 1.0)
             pushes = [int(v) for v in rows.pushes]
             logger.info("warm start done, pushes per worker %s; the others join", pushes)
+
+    def _stop_if_preempted(self) -> None:
+        """A stop signal on server 0: the workers stop, the servers drain and write a checkpoint."""
+        signum = preemption.received()
+        if signum is not None and self.stop_reason is None:
+            logger.warning("%s received: stopping the workers; the servers write a checkpoint (resume with "
+                           "--resume auto)", preemption.signal_name(signum))
+            self._request_stop(StopReason.PREEMPTED)
 
     def _request_stop(self, reason: StopReason) -> None:
         self.stop_reason = reason
@@ -223,8 +235,10 @@ class Coordinator:
             worker_steps=[int(v) for v in rows.steps],
             staleness_hist=[int(v) for v in rows.staleness_histogram()],
             dead_workers=[self.job.roles.workers[i] for i in np.flatnonzero(self.dead)],
+            worker_clock_spread=self.board.read_clocks().spread(),
             nonfinite_gradients=int(rows.nonfinite.sum()),
-            rejected_updates=int(counters[:, Counter.REJECTED].sum()), **extra)
+            rejected_updates=int(counters[:, Counter.REJECTED].sum()),
+            refused_pushes=int(counters[:, Counter.REFUSED].sum()), **extra)
         self.interval = _Interval(now, loss_sum, loss_count, steps, versions)
 
     def _load_eval_model(self, params: np.ndarray, rows: WorkerRows) -> None:
@@ -306,7 +320,8 @@ class Coordinator:
         final_model = self.target_snapshot if reason == StopReason.TARGET_ACCURACY else None
         if cfg.checkpoint_dir:
             write_checkpoint(cfg, step, **self._checkpoint_sections(shards, step, rows))
-            write_final_model(cfg, **self._checkpoint_sections(shards, step, rows, model=final_model))
+            if reason != StopReason.PREEMPTED:  # final.h5 means the job is complete
+                write_final_model(cfg, **self._checkpoint_sections(shards, step, rows, model=final_model))
         drained = {}
         if final_model is not None:
             drained = {"drained_val_accuracy": self.val_accuracy}
@@ -318,6 +333,7 @@ class Coordinator:
                    "servers": job.layout.num_shards, "workers": job.num_workers, "dead_workers": dead,
                    "failed_workers": failed, "nonfinite_gradients": int(rows.nonfinite.sum()),
                    "rejected_updates": int(sum(int(c[Counter.REJECTED]) for c in counters)),
+                   "refused_pushes": int(sum(int(c[Counter.REFUSED]) for c in counters)),
                    "shard_versions": [int(c[Counter.VERSION]) for c in counters],
                    "exit_code": exit_code, "abort": bool(dead)}
         self.board.set_header(self.header, Header.STOP_REASON, float(reason))

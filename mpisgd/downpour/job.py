@@ -42,6 +42,8 @@ from outside with SIGSTOP; see tests/e2e/test_downpour.py.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -59,12 +61,13 @@ from mpisgd.downpour.client import ParameterClient
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.coordinator import Coordinator, follow_coordinator
 from mpisgd.downpour.delay_compensation import DelayCompensation
-from mpisgd.downpour.rules import make_rule
+from mpisgd.downpour.rules import UpdateRule, make_rule
 from mpisgd.downpour.server import ShardServer, idle_sleep_for, lower_cpu_priority, network_path
 from mpisgd.downpour.windows import ParameterServerWindows
 from mpisgd.downpour.worker import Worker
 from mpisgd.errors import ConfigError, JobFailedError, SharedConfigError
 from mpisgd.models import build_model
+from mpisgd.training import preemption
 from mpisgd.training.config import TrainConfig
 from mpisgd.training.layout import Roles, ShardLayout
 from mpisgd.training.loop import open_datasets, resume_from_checkpoint
@@ -73,6 +76,28 @@ from mpisgd.training.registry import TrainResult
 logger = logging.getLogger(__name__)
 
 END_OF_JOB_POLL_S = 0.01  # how often a rank looks whether every rank reached the end of the job
+
+
+@dataclass(frozen=True)
+class System:
+    """What a system built on these windows, this board and this coordinator supplies: its server rule,
+    server, worker and coordinator classes, and windows of its own (``setup``: collective, on every rank,
+    returns an object with ``free()``, or None). Downpour/DC-ASGD is :data:`DOWNPOUR`; synchronous SGD on
+    the parameter server (:mod:`mpisgd.syncps`) is another."""
+
+    rule_name: Callable[[TrainConfig], str]
+    make_rule: Callable[[JobContext, int], UpdateRule]  # (job, shard size)
+    make_server: Callable[[JobContext, UpdateRule, float], ShardServer]  # (job, rule, idle sleep)
+    worker: type = Worker
+    coordinator: type = Coordinator
+    setup: Callable[[JobContext], Any] = lambda job: None
+    resumes: tuple = ("downpour", "dcasgd")  # strategies whose checkpoints it continues
+
+
+DOWNPOUR = System(
+    rule_name=lambda cfg: "sgd" if cfg.strategy == "dcasgd" else cfg.server_rule,
+    make_rule=lambda job, size: make_rule(job.rule_name, size, lr=job.cfg.lr, eps=job.cfg.adagrad_eps),
+    make_server=lambda job, rule, idle_sleep: ShardServer(job.windows, rule, idle_sleep_s=idle_sleep))
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -93,17 +118,25 @@ def _flat_parameters(model: torch.nn.Module) -> np.ndarray:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
 
 
-def train_downpour(cfg: TrainConfig, comm: Communicator) -> dict:
+@preemption.catching_stop_signals
+def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System] = None) -> dict:
     """Train per ``cfg`` (strategy downpour or dcasgd) on all ranks of ``comm``.
 
     Returns:
         A summary; server 0's (world rank 0) is the job's: steps (pushes applied), stopped (reason),
         val_accuracy, and per-job counts (dead, failed workers; non-finite gradients; rejected updates).
+
+    With ``--stages`` or ``--tensor-parallel`` above 1 each replica is split over several ranks, each
+    partition pulling and pushing its own slice (:mod:`mpisgd.modelparallel.downpour`).
     """
+    if cfg.stages > 1 or cfg.tensor_parallel > 1:
+        from mpisgd.modelparallel.downpour import train_partitioned_downpour
+        return train_partitioned_downpour(cfg, comm)
     roles = assign_roles(comm.size, cfg.servers)
     is_server = comm.rank in roles.servers
     num_workers = len(roles.workers)
-    rule_name = "sgd" if cfg.strategy == "dcasgd" else cfg.server_rule
+    system = system or DOWNPOUR
+    rule_name = system.rule_name(cfg)
     fault = faults.worker_fault(comm.rank)  # on every rank: a malformed value fails on all of them
     try:
         device = "cpu" if is_server else select_device(
@@ -127,7 +160,7 @@ def train_downpour(cfg: TrainConfig, comm: Communicator) -> dict:
             DelayCompensation(0, lam=cfg.dc_lambda, variant=cfg.dc_variant, momentum=cfg.dc_momentum)
         except ConfigError as exc:
             raise SharedConfigError(str(exc)) from None
-    resumed = _load_resume_state(cfg, comm, model, layout, rule_name) if cfg.resume else {}
+    resumed = _load_resume_state(cfg, comm, model, layout, rule_name, system.resumes) if cfg.resume else {}
     if resumed:
         flat = resumed["params"]
     buffers = _float_buffers(model)
@@ -150,7 +183,8 @@ def train_downpour(cfg: TrainConfig, comm: Communicator) -> dict:
     client = ParameterClient(windows)
     job = JobContext(cfg, comm, roles, layout, windows, client, JobBoard(client), role_comm, model, device,
                      data, buffers, rule_name, num_batches, resumed)
-    server = _start_server(job, flat, remote_workers, idle_sleep) if is_server else None
+    job.extension = system.setup(job)  # collective: the system's own windows
+    server = _start_server(job, system, flat, remote_workers, idle_sleep) if is_server else None
     header = None
     if job.is_coordinator:
         warm = cfg.warmstart_steps > 0 and job.num_workers > 1 and not resumed
@@ -158,9 +192,9 @@ def train_downpour(cfg: TrainConfig, comm: Communicator) -> dict:
     comm.mpi.Barrier()  # every shard and the board hold their initial values before any pull
     try:
         if server is None:
-            summary = Worker(job, fault=fault).run()
+            summary = system.worker(job, fault=fault).run()
         elif header is not None:
-            summary = Coordinator(job, server, header).run()
+            summary = system.coordinator(job, server, header).run()
         else:
             summary = follow_coordinator(job, server)
     finally:
@@ -168,12 +202,13 @@ def train_downpour(cfg: TrainConfig, comm: Communicator) -> dict:
     return _finish(job, summary)
 
 
-def _start_server(job: JobContext, flat: np.ndarray, remote_workers: bool, idle_sleep: float) -> ShardServer:
+def _start_server(job: JobContext, system: System, flat: np.ndarray, remote_workers: bool,
+                  idle_sleep: float) -> ShardServer:
     """This rank's shard server, its rule state restored when resuming, its shard initialized."""
     cfg, windows, layout = job.cfg, job.windows, job.layout
     shard = windows.shard
     assert shard is not None  # a server rank
-    rule = make_rule(job.rule_name, layout.shard_size(shard), lr=cfg.lr, eps=cfg.adagrad_eps)
+    rule = system.make_rule(job, layout.shard_size(shard))
     where = layout.shard_slice(shard)
     for name in rule.state_names:
         saved = job.resumed.get("rule_state", {}).get(name)
@@ -184,20 +219,20 @@ def _start_server(job: JobContext, flat: np.ndarray, remote_workers: bool, idle_
     elif cfg.server_nice:
         logger.warning("--server-nice ignored: workers reach this server over the network path, where their "
                        "RMA operations need the server's CPU time")
-    server = ShardServer(windows, rule, idle_sleep_s=idle_sleep)
+    server = system.make_server(job, rule, idle_sleep)
     server.initialize(flat[where], claimed_steps=sum(job.resumed.get("worker_steps", [])))
     return server
 
 
 def _load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Module, layout: ShardLayout,
-                       rule_name: str) -> dict:
+                       rule_name: str, resumes: tuple = DOWNPOUR.resumes) -> dict:
     """Every rank reads the latest checkpoint (the same file): parameters, the server rule's state,
     and how far each worker got; problems are raised on every rank together."""
 
     def restore(saved: dict) -> dict:
         extra = saved["extra"] or {}
-        if extra.get("strategy") not in ("downpour", "dcasgd"):
-            raise ConfigError(f"it was written by strategy {extra.get('strategy')!r}, not downpour/dcasgd")
+        if extra.get("strategy") not in resumes:
+            raise ConfigError(f"it was written by strategy {extra.get('strategy')!r}, not {'/'.join(resumes)}")
         model.load_state_dict(saved["model_state"])
         state: dict = {"params": _flat_parameters(model)}
         optimizer = saved["optimizer_state"] or {}
@@ -212,7 +247,8 @@ def _load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Mod
         state["worker_steps"] = [int(s) for s in extra.get("worker_steps", [])]
         return state
 
-    return resume_from_checkpoint(cfg, comm, restore)[1]
+    resumed = resume_from_checkpoint(cfg, comm, restore)
+    return resumed[1] if resumed is not None else {}  # None: --resume auto found no checkpoint
 
 
 # ---- the end of the job ------------------------------------------------------------------------------
@@ -273,6 +309,8 @@ def _finish(job: JobContext, summary: dict) -> dict:
     if summary.get("abort"):  # server 0 is about to abort the job; a collective here would never complete
         wait_until(lambda: False, what="server 0's MPI_Abort", backoff=Backoff(first=1.0, longest=1.0))
     _meet_before_freeing_windows(job, summary)
+    if job.extension is not None:
+        job.extension.free()
     job.windows.free()
     if summary["exit_code"]:
         raise JobFailedError(_failure_message(summary))

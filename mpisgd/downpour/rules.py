@@ -93,10 +93,35 @@ class AdagradRule(UpdateRule):
         params -= grads
 
 
-def make_rule(name: str, size: int, *, lr: float, eps: float = 1e-8) -> UpdateRule:
-    """The server rule called ``name`` ("sgd" or "adagrad") for a shard of ``size`` elements."""
+class MomentumRule(UpdateRule):
+    """SGD with heavy-ball momentum as torch.optim.SGD applies it (weight decay already in ``grads``, as
+    the workers add it): v <- m * v + g;  w <- w - lr * v. The server side of ``--strategy sync-ps``,
+    which then takes the same steps as ``--strategy sync``'s optimizer."""
+
+    name = "momentum"
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, size: int, *, lr: float, momentum: float = 0.9) -> None:
+        super().__init__(size, lr=lr)
+        if not (isinstance(momentum, (int, float, np.floating)) and 0 <= momentum < 1):
+            raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def apply(self, params: np.ndarray, grads: np.ndarray, where: slice) -> None:
+        velocity = self.state["momentum_buffer"][where]
+        velocity *= np.float32(self.momentum)
+        velocity += grads
+        np.multiply(velocity, np.float32(self.lr), out=grads)
+        params -= grads
+
+
+def make_rule(name: str, size: int, *, lr: float, eps: float = 1e-8, momentum: float = 0.9) -> UpdateRule:
+    """The server rule called ``name`` ("sgd", "adagrad", or sync-ps's "momentum") for a shard of ``size``
+    elements."""
     if name == "sgd":
         return SGDRule(size, lr=lr)
     if name == "adagrad":
         return AdagradRule(size, lr=lr, eps=eps)
+    if name == "momentum":
+        return MomentumRule(size, lr=lr, momentum=momentum)
     raise ConfigError(f"unknown server rule {name!r}; valid: {', '.join(RULES)}")

@@ -21,9 +21,12 @@ nothing expose 0 bytes):
   the shared-memory path and on the network path (MPIR_CVAR_NOLOCAL=1): run it on a new MPI.
   On shared memory that atomicity is a mutex in the window: a worker frozen (SIGSTOP, a debugger)
   in the microseconds it holds it stalls that shard's other accumulates until it runs again.
-- ``control``: per server, int64 counters (:class:`Counter`: VERSION, PUSHES, REJECTED, and on
-  shard 0 CLAIMS), only ever changed with SUM and read with NO_OP, so every access is atomic
+- ``control``: per server, int64 counters (:class:`Counter`: VERSION, PUSHES, REJECTED, REFUSED, and
+  on shard 0 CLAIMS), only ever changed with SUM and read with NO_OP, so every access is atomic
   under the standard's rules.
+
+Every rank learns at creation how many elements each server exposes (:attr:`ParameterServerWindows.exposed`),
+so that a client checks every target range against the shard's real extent before any RMA call.
 - ``board``: on server 0, float64, sized by :class:`~mpisgd.downpour.board.BoardLayout`: the job board
   (header written by server 0, one row per worker written only by that worker), written with
   ``Accumulate(REPLACE)`` and read with ``Get_accumulate(NO_OP)``; what it holds is
@@ -49,10 +52,12 @@ class Counter(IntEnum):
     PUSHES = 1  #: pushes received (each worker push adds one)
     REJECTED = 2  #: updates rejected because the pushed sum held NaN/Inf
     CLAIMS = 3  #: on shard 0: training steps claimed by the workers (the job's step budget is shared)
+    REFUSED = 4  #: pushes a client refused to send: they would have written outside this shard
 
 
 CONTROL_SLOTS = len(Counter)
 VERSION, PUSHES, REJECTED, CLAIMS = Counter.VERSION, Counter.PUSHES, Counter.REJECTED, Counter.CLAIMS
+REFUSED = Counter.REFUSED
 
 #: what the board holds moved to mpisgd.downpour.board; still importable from here
 _MOVED_TO_BOARD = ("TRAINING", "STOPPING", "DRAINING", "FINISHED", "RUNNING", "DONE", "FAILED", "STALENESS_BINS",
@@ -117,6 +122,9 @@ class ParameterServerWindows:
         self.board = _allocate(self.comm, self.board_layout.size if self.shard == 0 else 0, np.float64,
                                {"which_accumulate_ops": "replace,no_op"})
         self._windows = [self.params, *self.grads, self.control, self.board]
+        sizes = self.comm.allgather(own)  # collective like the allocations: what each shard really exposes
+        #: elements of the params and grads windows on the server of each shard, as that server allocated them
+        self.exposed: tuple = tuple(int(sizes[rank]) for rank in roles.servers)
         for win in self._windows:
             win.Lock_all(MPI.MODE_NOCHECK)
         self._freed = False

@@ -2,6 +2,11 @@
 client'): pull every ``--n-fetch`` steps, compute a gradient, accrue it, take a local SGD step between
 fetches, push the accrued gradient every ``--n-push`` steps (DC-ASGD: compensated for its delay first).
 
+With ``--max-staleness s`` (bounded staleness, Ho et al. 2013) the worker publishes its clock (steps
+finished) after every step and does not start step t+s+1 before every live worker has finished step t:
+it waits in :meth:`Worker.wait_for_the_slowest`, reporting its heartbeat, sleeping between looks. A
+worker done, failed, or counted dead by the coordinator holds nobody back.
+
 The worker claims each training step from the job's shared budget, reports to the board after every
 step (its heartbeat, with the header read back in the same round trip) and stops when the budget is
 used up, at ``--max-steps``, or when the coordinator's phase says so. An exception in the loop is
@@ -28,6 +33,7 @@ from mpisgd.downpour.delay_compensation import DelayCompensation
 logger = logging.getLogger(__name__)
 
 REPORT_WHILE_WAITING_S = 0.01  # waiting workers (warm start, end of job) report this often
+SSP_FIRST_WAIT_S = 1e-4  # a worker held by --max-staleness looks again this soon, then ever less often
 
 
 def _endless(train: Iterable) -> Iterator:
@@ -89,6 +95,30 @@ class Worker:
                    backoff=Backoff(first=REPORT_WHILE_WAITING_S, longest=REPORT_WHILE_WAITING_S))
         return self.header
 
+    # ---- bounded staleness --------------------------------------------------------------------------
+    def publish_clock(self, finished: bool = False) -> None:
+        """This worker's clock for bounded staleness (``finished``: it holds nobody back any more)."""
+        self.board.publish_clock(self.index, float("inf") if finished else self.step)
+
+    def wait_for_the_slowest(self) -> BoardHeader:
+        """--max-staleness s: before step ``self.step + 1``, wait (reporting, sleeping between looks; a
+        fast worker waits politely, it does not spin) until every live worker has finished step
+        ``self.step - s``, or the job leaves its training phase. The warm-start replica is not held
+        while it trains alone; after the gate opens it waits for the others to come within s steps."""
+        staleness = self.cfg.max_staleness
+        needed = self.step - staleness
+        if staleness is None or needed <= 0 or not self.header.warm_open:  # warm start: this replica is alone
+            return self.header
+        if self.board.read_clocks().slowest() >= needed:
+            return self.header
+
+        def caught_up() -> bool:
+            return self.report().phase != Phase.TRAINING or self.board.read_clocks().slowest() >= needed
+
+        wait_until(caught_up, what="the slowest worker",
+                   backoff=Backoff(first=SSP_FIRST_WAIT_S, longest=REPORT_WHILE_WAITING_S))
+        return self.header
+
     # ---- parameters and gradients --------------------------------------------------------------
     def pull_parameters(self) -> None:
         self.client.pull_parameters(self.pulled)
@@ -148,6 +178,8 @@ class Worker:
         for x, y in _endless(self.job.data.train):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
+            if cfg.max_staleness is not None and header.phase == Phase.TRAINING:
+                header = self.wait_for_the_slowest()
             if header.phase != Phase.TRAINING or self.client.claim_step() >= budget:
                 break
             if self.step % cfg.n_fetch == 0:
@@ -169,6 +201,7 @@ class Worker:
             if self.step % cfg.n_push == 0 and self.accrued_steps:
                 self.push_gradients()
             self.row.set(RowField.STEPS, self.step)
+            self.publish_clock()
             header = self.report()
             if self.fault and self.fault.strike(self.step):
                 break
@@ -179,6 +212,7 @@ class Worker:
     def run(self) -> dict:
         """Wait for the warm start (workers after the first), train, report the end, and wait until
         the coordinator has finished the job; returns the job's outcome as the board tells it."""
+        self.publish_clock()
         header = self.report()
         if self.index > 0:  # warm start: the first replica trains alone
             header = self.report_until(lambda h: h.warm_open or h.phase != Phase.TRAINING)
@@ -190,6 +224,7 @@ class Worker:
             state = WorkerState.FAILED
         self.row.set(RowField.STEPS, self.step)
         self.row.set(RowField.STATE, state)
+        self.publish_clock(finished=True)
         header = self.report_until(lambda h: h.phase == Phase.FINISHED)
         return {"steps": self.step, "stopped": header.stop_reason.label, "exit_code": header.exit_code,
                 "abort": header.abort}

@@ -11,6 +11,9 @@
 | ``tensor_parallel`` | Linear layers split by output features over T ranks |
 | ``state`` | checkpoints with the unsplit model's names |
 | ``trainer`` | ``train_model_parallel(cfg, comm)``, the CLI's entry point |
+| ``slices`` | which elements of the unsplit flat parameter vector a partition holds |
+| ``partition_client`` | a partition's pulls and pushes of its slice on the parameter-server shards |
+| ``downpour`` | Downpour/DC-ASGD with split replicas (``--strategy downpour --stages K``) |
 """
 
 from mpisgd.modelparallel.grid import Coordinates, GridShape

@@ -109,3 +109,44 @@ class GridCommunicators:
             if comm is not None:
                 comm.Free()
         self.stage = self.pipeline = self.splits = self.world = None
+
+
+def describe_grid(world_size: int, stages: int, splits: int = 1, servers: int = 0) -> list[str]:
+    """The communicators of the grid as text, naming the world ranks in each (``mpisgd info --stages K``).
+
+    ``servers``: parameter-server ranks ahead of the grid (Downpour: world = S + R x K x T).
+    Raises :class:`~mpisgd.errors.SharedConfigError` when the ranks do not factor.
+    """
+    if servers < 0 or servers >= world_size:
+        raise SharedConfigError(f"--servers {servers} leaves no worker rank of {world_size}")
+    try:
+        shape = GridShape(world_size - servers, stages, splits)
+    except SharedConfigError as exc:
+        if not servers:
+            raise
+        raise SharedConfigError(f"{world_size} ranks leave {world_size - servers} after {servers} server(s): "
+                                f"{exc}") from None
+    R, K, T = shape.replicas, shape.stages, shape.splits
+
+    def ranks(cells: list[Coordinates]) -> str:
+        return " ".join(str(servers + shape.rank_of(c)) for c in cells)
+
+    lines = [f"model-parallel grid: {world_size} ranks = " + (f"{servers} server(s) + " if servers else "")
+             + f"{R} replica(s) x {K} stage(s) x {T} split(s); world rank = "
+             + (f"{servers} + " if servers else "") + "(replica*K + stage)*T + split"]
+    if servers:
+        lines.append(f"  servers (parameter-server shards): world ranks {' '.join(map(str, range(servers)))}")
+    for a in range(R):
+        for t in range(T):
+            lines.append(f"  pipeline communicator of replica {a}, split {t} (its stages in order): world ranks "
+                         + ranks([Coordinates(a, s, t) for s in range(K)]))
+    for s in range(K):
+        for t in range(T):
+            lines.append(f"  stage communicator of stage {s}, split {t} (across replicas): world ranks "
+                         + ranks([Coordinates(a, s, t) for a in range(R)]))
+    if T > 1:
+        for a in range(R):
+            for s in range(K):
+                lines.append(f"  split communicator of replica {a}, stage {s}: world ranks "
+                             + ranks([Coordinates(a, s, t) for t in range(T)]))
+    return lines

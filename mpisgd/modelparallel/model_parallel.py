@@ -71,6 +71,8 @@ class ModelParallel:
         example_input: a batch to time the layers on, for ``balance="time"`` (used on rank 0 only).
         timeout: seconds any wait of a step may take before :class:`~mpisgd.comm.wait.WaitTimeout` (a dead
             or stopped peer; failures that raise are reported within milliseconds).
+        name: how errors and logs name this rank (default: its rank and coordinates in ``comm``), e.g. its
+            world rank where ``comm`` is one replica's.
 
     Raises:
         SharedConfigError: on every rank, for sizes that do not fit (the message names sizes that do).
@@ -80,7 +82,9 @@ class ModelParallel:
 
     def __init__(self, model: nn.Module, *, stages: int = 1, micro_batches: int = 1, schedule: str = "gpipe",
                  balance: Balance = "params", tensor_parallel: int = 1, comm: Any = None,
-                 example_input: Optional[torch.Tensor] = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 example_input: Optional[torch.Tensor] = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 name: Optional[str] = None) -> None:
+        self._name = name
         communicator: Communicator = get_communicator(comm)
         if not isinstance(model, nn.Sequential):
             raise SharedConfigError(f"ModelParallel splits a torch.nn.Sequential, got {type(model).__name__}")
@@ -152,6 +156,8 @@ class ModelParallel:
 
     @property
     def where(self) -> str:
+        if self._name is not None:
+            return self._name
         return f"rank {self.rank} (stage {self.stage} of {self.stages}, replica {self.replica}, split {self.split})"
 
     @property

@@ -25,11 +25,13 @@ from mpi4py import MPI
 from mpisgd import checkpoint as ckpt
 from mpisgd.comm import Communicator
 from mpisgd.errors import ConfigError, SharedConfigError
+from mpisgd.metrics import MetricsWriter
 from mpisgd.modelparallel.grid import GridShape
 from mpisgd.modelparallel.model_parallel import ModelParallel
 from mpisgd.modelparallel.partition import BALANCES
 from mpisgd.modelparallel.schedules import SCHEDULES
 from mpisgd.models import build_model
+from mpisgd.training import preemption
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ def _setting(cfg: Any, name: str, default: Any) -> Any:
         return default
 
 
+@preemption.catching_stop_signals
 def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
     """Train per ``cfg`` with the model split across ranks; returns a summary (identical on every rank)."""
     from mpisgd.training.loop import open_datasets  # the data layer of the other strategies, shared
@@ -111,6 +114,14 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
                                "global_batch": cfg.batch_size * mp.replicas, "layers_per_stage": list(mp.layer_counts)}
     max_steps = _setting(cfg, "max_steps", None)
     started, loss = time.perf_counter(), float("nan")
+    metrics_path = _setting(cfg, "metrics", None)
+    metrics = MetricsWriter(metrics_path, append=bool(cfg.resume)) if metrics_path and comm.rank == 0 else None
+    interval = _Interval(time.perf_counter(), mp.seconds_waited)
+
+    def log_metrics(**values: Any) -> None:
+        if metrics is not None:  # the loss is already the mean over the replicas, on every rank
+            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
+            metrics.write(step=step, epoch=step / max(train.num_batches, 1), lr=lr, **values)
 
     def save(tag: Optional[str] = None) -> None:
         if cfg.checkpoint_dir:
@@ -123,11 +134,13 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
                                                        "hidden": list(cfg.hidden), "num_classes": data.num_classes,
                                                        "input_shape": list(data.input_shape)})
 
+    stop = preemption.StopAgreement(comm.mpi)
     try:
         while train.epoch < cfg.epochs and not (max_steps is not None and step >= max_steps):
             for x, y in train:
                 if len(x) % settings.micro_batches:  # a short last batch every replica has: skipped by all
                     continue
+                stop.start()  # every rank of every replica learns at the same step whether any was signalled
                 if optimizer is not None:
                     optimizer.zero_grad()
                 loss = mp.train_replica_step(x, y, F.cross_entropy)
@@ -135,22 +148,53 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
                     optimizer.step()
                     scheduler.step()
                 step += 1
-                if step % _setting(cfg, "log_every", 10) == 0 and comm.rank == 0:
-                    logger.info("step %d: loss %.4f", step, loss)
+                interval.add(loss)
+                if step % _setting(cfg, "log_every", 10) == 0:
+                    if comm.rank == 0:
+                        logger.info("step %d: loss %.4f", step, loss)
+                    now = time.perf_counter()
+                    log_metrics(loss=interval.mean_loss(),
+                                samples_per_s=interval.steps * summary["global_batch"] / max(now - interval.start, 1e-9),
+                                pipeline_wait_s=mp.seconds_waited - interval.waited, bytes_sent=mp.bytes_sent)
+                    interval = _Interval(now, mp.seconds_waited)
+                if stop.finish() is not None:
+                    summary["stopped"] = preemption.PREEMPTED
+                    break
                 if max_steps is not None and step >= max_steps:
                     summary["stopped"] = "max_steps"
                     break
+            if summary["stopped"] == preemption.PREEMPTED:
+                break
             if val is not None:
                 summary["val_accuracy"] = evaluate(mp, val, comm)
+                log_metrics(val_accuracy=summary["val_accuracy"])
             if train.batch == 0:
                 save()
     finally:
+        stop.cancel()
         summary["wall_time_s"] = time.perf_counter() - started
+        if metrics is not None:
+            metrics.close()
     summary.update(steps=step, train_loss=loss)
-    save()
-    save("final")
+    save()  # collective: every rank is past it when it returns
+    if summary["stopped"] != preemption.PREEMPTED:
+        save("final")
     mp.free()
     return summary
+
+
+class _Interval:
+    """Losses and pipeline waits since the last metrics record."""
+
+    def __init__(self, start: float, waited: float) -> None:
+        self.start, self.waited, self.loss_sum, self.steps = start, waited, 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.steps if self.steps else float("nan")
 
 
 def evaluate(mp: ModelParallel, val: Any, comm: Communicator) -> float:
@@ -166,11 +210,15 @@ def evaluate(mp: ModelParallel, val: Any, comm: Communicator) -> float:
 
 def _resume(cfg: Any, comm: Communicator, mp: ModelParallel, optimizer: Optional[torch.optim.Optimizer],
             train: Any) -> int:
-    """Load the latest checkpoint (written at any K or T) on every rank; returns its step."""
-    path = ckpt.latest_checkpoint(cfg.checkpoint_dir)
-    comm.raise_together(None if path else ConfigError(f"--resume: no checkpoint in {cfg.checkpoint_dir}"))
-    assert path is not None
-    sections = mp.load_checkpoint(path, optimizer)
+    """Load the checkpoint to resume from (written at any K or T) on every rank; returns its step (0:
+    ``--resume auto`` found none)."""
+    from mpisgd.training.loop import resume_from_checkpoint  # verified, with --resume auto's fallback
+
+    resumed = resume_from_checkpoint(cfg, comm, lambda sections: sections,
+                                     load=lambda path: mp.load_checkpoint(path, optimizer))
+    if resumed is None:  # --resume auto and no checkpoint yet
+        return 0
+    sections = resumed[0]
     saved_replicas = sections["extra"].get("model_parallel", {}).get("replicas", mp.replicas)
     if saved_replicas != mp.replicas:  # other shards now: the epoch restarts (the model and optimizer are exact)
         logger.warning("resuming with %d replicas instead of %d: the data position restarts its epoch",

@@ -74,19 +74,42 @@ from mpisgd.comm.wait import wait_until
 from mpisgd.errors import ConfigError, JobFailedError
 from mpisgd.metrics import MetricsWriter
 from mpisgd.models import build_model
-from mpisgd.sandblaster.lbfgs import IterationRecord, LBFGSSettings, NonFiniteObjectiveError, minimize
+from mpisgd.sandblaster.lbfgs import (
+    IterationRecord,
+    LBFGSResult,
+    LBFGSSettings,
+    NonFiniteObjectiveError,
+    minimize,
+)
 from mpisgd.sandblaster.protocol import Ending, Portions, Tag, WorkerCommand, polite_backoff
 from mpisgd.sandblaster.scheduler import PortionScheduler
 from mpisgd.sandblaster.shard import VectorShard
 from mpisgd.sandblaster.worker import PortionWorker
 from mpisgd.sandblaster.workspace import ShardedWorkspace
+from mpisgd.training import preemption
 from mpisgd.training.config import TrainConfig
 from mpisgd.training.layout import COORDINATOR, SERVER, WORKER, Roles, ShardLayout
-from mpisgd.training.loop import Datasets, checkpoint_metadata, evaluate, open_datasets, write_final_model
+from mpisgd.training.loop import (
+    Datasets,
+    checkpoint_metadata,
+    evaluate,
+    open_datasets,
+    write_checkpoint,
+    write_final_model,
+)
 
 logger = logging.getLogger(__name__)
 
 
+class _Preempted(Exception):
+    """A stop signal reached the coordinator; raised out of L-BFGS after the iteration ``record``."""
+
+    def __init__(self, record: IterationRecord) -> None:
+        super().__init__(record)
+        self.record = record
+
+
+@preemption.catching_stop_signals
 def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
     """Run Sandblaster L-BFGS per ``cfg`` on ``comm``; returns the summary (the same on every rank).
 
@@ -174,6 +197,8 @@ def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLay
                           line_search_evaluations=record.line_search_evaluations,
                           line_search=record.line_search_status or None, lost_workers=sorted(scheduler.lost),
                           **counters)
+        if preemption.received() is not None:  # between iterations: the iterate is consistent
+            raise _Preempted(record)
 
     settings = LBFGSSettings(history=cfg.history, max_iterations=cfg.max_iterations,
                              gradient_tolerance=cfg.gradient_tolerance)
@@ -183,6 +208,12 @@ def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLay
         result = minimize(workspace, settings, callback=log_iteration)
     except NonFiniteObjectiveError as exc:
         failure = f"sandblaster: {exc}"
+    except _Preempted as stop:
+        record = stop.record
+        message = f"{preemption.signal_name(preemption.received())} received after iteration {record.iteration}"
+        logger.warning("%s: writing the model and stopping every rank", message)
+        result = LBFGSResult(record.iteration, record.objective, record.gradient_max_norm,
+                             record.function_evaluations, preemption.PREEMPTED, message)
     if failure is None:
         flat = workspace.gather_parameters()
         torch.nn.utils.vector_to_parameters(torch.from_numpy(flat).to(torch.float32), model.parameters())
@@ -190,8 +221,10 @@ def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLay
         accuracy = None if data.val is None else evaluate(model, data.val, MPI.COMM_SELF, "cpu")
         if metrics and accuracy is not None:
             metrics.write(step=result.iterations, val_accuracy=accuracy)
-        if cfg.checkpoint_dir:
-            write_final_model(cfg, model_state=model.state_dict(), extra=checkpoint_metadata(
+        if cfg.checkpoint_dir:  # preempted: the model so far, numbered (final.h5 means the run completed)
+            write = write_checkpoint if result.stopped == preemption.PREEMPTED else write_final_model
+            steps = {"step": result.iterations} if result.stopped == preemption.PREEMPTED else {}
+            write(cfg, **steps, model_state=model.state_dict(), extra=checkpoint_metadata(
                 cfg, comm, result.iterations, data, iterations=result.iterations,
                 train_objective=result.objective, stopped=result.stopped))
         summary = {"steps": result.iterations, "stopped": result.stopped, "message": result.message,

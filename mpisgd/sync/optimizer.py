@@ -13,8 +13,10 @@ import threading
 from collections.abc import Iterable
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
+from mpisgd import faults
 from mpisgd.comm import get_communicator
 from mpisgd.comm.communicator import ALGORITHM_NAMES, DEFAULT_BUCKET_BYTES
 from mpisgd.errors import ConfigError, MpisgdError
@@ -106,6 +108,11 @@ class DistributedOptimizer:
         self.comm.check_agreement("DistributedOptimizer", op=op, algorithm=algorithm, overlap=overlap,
                                   parameters=tuple((n, tuple(p.shape), str(p.dtype)) for n, p in self.named_parameters))
         self._overlap = _OverlappedReduction(self) if overlap else None
+        #: steps taken; named by the collective watchdog when a step's all-reduce stalls (a trainer that
+        #: resumes sets it to its own step count)
+        self.steps_done = 0
+        from mpi4py import MPI
+        self._fault = faults.sync_fault(MPI.COMM_WORLD.Get_rank())  # test-only (MPISGD_TEST_SYNC_FAULT)
 
     # the wrapped optimizer's public surface
     @property
@@ -158,8 +165,13 @@ class DistributedOptimizer:
                                      + (" ..." if len(bad) > 5 else ""))
 
     def step(self, closure: Optional[Any] = None):
+        if self._fault is not None:  # before the all-reduce: a rank frozen or slow here has not arrived
+            self._fault.strike(self.steps_done)
+        self.comm.watchdog.step = self.steps_done
         self.synchronize()
-        return self.optimizer.step(closure)
+        result = self.optimizer.step(closure)
+        self.steps_done += 1
+        return result
 
 
 class _OverlappedReduction:
@@ -243,6 +255,10 @@ class _OverlappedReduction:
 
 def global_mean(value: float, *, comm: Any = None) -> float:
     """Mean of a Python number over ranks (for logging losses and accuracies consistently)."""
+    from mpi4py import MPI
+
     communicator = get_communicator(comm)
-    total = communicator.mpi.allreduce(float(value))
+    buffer = np.array([float(value)])  # a buffer, so that the reduction is nonblocking, under the watchdog
+    communicator.wait([communicator.mpi.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)], "global_mean")
+    total = float(buffer[0])
     return total / communicator.size if math.isfinite(total) else float("nan")

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from mpisgd import checkpoint as ckpt
+from mpisgd import faults
 from mpisgd.comm import Communicator
 from mpisgd.devices import select_device
+from mpisgd.errors import ConfigError
 from mpisgd.metrics import MetricsWriter
 from mpisgd.models import build_model
 from mpisgd.optim import (
@@ -35,6 +37,7 @@ from mpisgd.sync.optimizer import (
     broadcast_parameters,
     global_mean,
 )
+from mpisgd.training import preemption
 from mpisgd.training.config import TrainConfig
 from mpisgd.training.loop import (
     checkpoint_metadata,
@@ -84,10 +87,18 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
     With ``--stages`` or ``--tensor-parallel`` above 1 each replica is split over several ranks
     (DistBelief model parallelism, :mod:`mpisgd.modelparallel`), and the replicas average each stage's
     gradients among themselves.
+
+    SIGTERM, SIGUSR1 or SIGINT on any rank (:mod:`mpisgd.training.preemption`) stops every rank after
+    the same step, with a checkpoint of that step and ``stopped="preempted"``.
     """
-    if cfg.stages > 1 or cfg.tensor_parallel > 1:
-        from mpisgd.modelparallel.trainer import train_model_parallel
-        return train_model_parallel(cfg, comm)
+    with preemption.handling_signals():
+        if cfg.stages > 1 or cfg.tensor_parallel > 1:
+            from mpisgd.modelparallel.trainer import train_model_parallel
+            return train_model_parallel(cfg, comm)
+        return _train_sync(cfg, comm)
+
+
+def _train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
     device = select_device(comm.local_rank, comm.local_size, want_gpu=cfg.device == "cuda",
                            share_gpus=cfg.share_gpus)
     data = open_datasets(cfg, comm, rank=comm.rank, size=comm.size)
@@ -99,14 +110,15 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
     optimizer, scheduler, lr = build_optimizer_and_schedule(cfg, model, global_batch, train.num_batches)
     dist_opt = DistributedOptimizer(optimizer, model.named_parameters(), comm=comm, algorithm=cfg.algorithm)
 
-    step = 0
-    if cfg.resume:
-        step = _resume(cfg, comm, model, optimizer, scheduler, train)
-    metrics = MetricsWriter(cfg.metrics, append=cfg.resume) if cfg.metrics and comm.rank == 0 else None
+    step = _resume(cfg, comm, model, optimizer, scheduler, train) if cfg.resume else 0
+    dist_opt.steps_done = step  # the step the collective watchdog names in its reports
+    metrics = MetricsWriter(cfg.metrics, append=bool(cfg.resume)) if cfg.metrics and comm.rank == 0 else None
     bar = _progress_bar(cfg, comm, train.num_batches * cfg.epochs, step)
     summary = {"steps": step, "skipped_steps": 0, "val_accuracy": None, "stopped": "epochs",
                "global_batch": global_batch, "lr": lr}
     interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+    stop = preemption.StopAgreement(comm.mpi, wait=comm.watchdog.wait)
+    signal_fault = faults.signal_at_step(comm.rank)  # on every rank: a malformed value fails on all
 
     def save(final: bool = False) -> None:
         if cfg.checkpoint_dir and comm.rank == 0:
@@ -123,6 +135,7 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
         while train.epoch < cfg.epochs and not _done(cfg, step):
             epoch = train.epoch
             for x, y in train:
+                stop.start()  # overlaps the step: every rank learns the same answer at its end
                 x, y = x.to(device), y.to(device)
                 loss = F.cross_entropy(model(x), y)
                 dist_opt.zero_grad()
@@ -152,9 +165,20 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
                     interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save()
+                if signal_fault is not None:
+                    signal_fault.strike(step)
+                signum = stop.finish()
+                if signum is not None:
+                    summary["stopped"] = preemption.PREEMPTED
+                    if comm.rank == 0:
+                        logger.warning("%s received: stopping after step %d with a checkpoint (resume with "
+                                       "--resume auto)", preemption.signal_name(signum), step)
+                    break
                 if _done(cfg, step):
                     summary["stopped"] = "max_steps"
                     break
+            if summary["stopped"] == preemption.PREEMPTED:
+                break
             if val is not None and (train.batch == 0 or summary["stopped"] == "max_steps"):
                 accuracy = evaluate(model, val, comm.mpi, device)
                 summary["val_accuracy"] = accuracy
@@ -166,14 +190,25 @@ def train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
             if train.batch == 0:
                 save()
     finally:
+        stop.cancel()
         if bar is not None:
             bar.close()
         if metrics:
             metrics.close()
     summary["steps"] = step
     save()  # resumable checkpoint of where the run stopped (rewritten atomically if it exists)
+    if summary["stopped"] == preemption.PREEMPTED:
+        _everyone_past_the_checkpoint(comm)
+        return summary
     save(final=True)  # the trained model under a stable name
     return summary
+
+
+def _everyone_past_the_checkpoint(comm: Communicator) -> None:
+    """No rank exits before rank 0 has written the checkpoint: a launcher may kill the others as soon as
+    one rank has exited."""
+    from mpisgd.comm.wait import wait_until
+    wait_until(comm.mpi.Ibarrier().Test, what="rank 0's checkpoint")
 
 
 def _done(cfg: TrainConfig, step: int) -> bool:
@@ -182,15 +217,24 @@ def _done(cfg: TrainConfig, step: int) -> bool:
 
 def _resume(cfg: TrainConfig, comm: Communicator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Any, train: Any) -> int:
-    """Load the latest checkpoint on every rank (same file, same state); returns its step."""
+    """Load the checkpoint to resume from on every rank (same file, same state); returns its step (0 for
+    a fresh start with ``--resume auto``)."""
     def restore(state: dict) -> int:
+        ranks = state["writer"].get("layout", {}).get("ranks", comm.size)
+        if ranks != comm.size:
+            raise ConfigError(f"it was written by a job of {ranks} ranks and this one has {comm.size}: sync "
+                              "training resumes only at the same number of ranks (the data order and the "
+                              "global batch depend on it)")
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         train.load_state_dict(state["data_position"])
         return int(state["extra"]["step"])
 
-    state, step = resume_from_checkpoint(cfg, comm, restore)
+    resumed = resume_from_checkpoint(cfg, comm, restore)
+    if resumed is None:  # --resume auto and no checkpoint yet
+        return 0
+    state, step = resumed
     ckpt.restore_rng_states(state["rng_states"])
     return step
 

@@ -48,15 +48,21 @@ def _fixed(values: tuple) -> Choices:
 
 
 def positive(value: Any) -> Optional[str]:
-    return None if value > 0 else f"must be positive, got {value}"
+    finite = not isinstance(value, float) or math.isfinite(value)  # an lr of inf is no learning rate
+    return None if value > 0 and finite else f"must be positive, got {value}"
 
 
 def non_negative(value: Any) -> Optional[str]:
-    return None if value >= 0 and math.isfinite(value) else f"must be >= 0, got {value}"
+    finite = not isinstance(value, float) or math.isfinite(value)  # math.isfinite fails on a 400-digit int
+    return None if value >= 0 and finite else f"must be >= 0, got {value}"
 
 
 def positive_or_none(value: Any) -> Optional[str]:
     return None if value is None else positive(value)
+
+
+def non_negative_or_none(value: Any) -> Optional[str]:
+    return None if value is None else non_negative(value)
 
 
 def _balance_problem(value: Any) -> Optional[str]:
@@ -77,15 +83,39 @@ def niceness(value: Any) -> Optional[str]:
     return None if 0 <= value <= 19 else f"must be in 0..19, got {value}"
 
 
+MAX_WIDTH = 2**20  # a sane bound: a wider layer is a typo, and allocating it would take the rank down
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 64 bits
+
+
 def widths(value: Any) -> Optional[str]:
-    return None if value and min(value) > 0 else f"must list positive widths, got {value}"
+    if value and min(value) > 0 and max(value) <= MAX_WIDTH:
+        return None
+    return f"must list positive widths of at most {MAX_WIDTH}, got {value}"
+
+
+def seed_value(value: Any) -> Optional[str]:
+    return None if 0 <= value <= MAX_SEED else f"must be in 0..{MAX_SEED}, got {value}"
 
 
 def _opt(default: Any, help: str, *, choices: Optional[Choices] = None, kind: Any = None,
-         check: Optional[Check] = None, used_by: Optional[tuple] = None) -> Any:
+         check: Optional[Check] = None, used_by: Optional[tuple] = None, const: Any = None) -> Any:
     """A setting: ``used_by`` names the strategies that read it (default: those of its section)."""
     return field(default=default, metadata={"help": help, "choices": choices, "kind": kind, "check": check,
-                                            "used_by": used_by})
+                                            "used_by": used_by,
+                                            "const": const})
+
+
+def resume_value(value: Any) -> Any:
+    """``--resume`` as given: True (the latest checkpoint, which must exist), False, "auto" (the newest
+    valid checkpoint if there is any, else a fresh start) or the path of a checkpoint file."""
+    if isinstance(value, bool):
+        return value
+    text = str(value)
+    if text.lower() in ("true", "yes", "latest"):
+        return True
+    if text.lower() in ("false", "no", ""):
+        return False
+    return text
 
 
 def _ints(text: str) -> tuple:
@@ -116,8 +146,8 @@ class _Section:
         _validate(self)
 
 
-GRADIENT_STRATEGIES = ("sync", "downpour", "dcasgd")  # step-wise SGD: epochs, lr, steps, logging
-SERVER_STRATEGIES = ("downpour", "dcasgd", "sandblaster")  # ranks split into servers and workers
+GRADIENT_STRATEGIES = ("sync", "downpour", "dcasgd", "sync-ps")  # step-wise SGD: epochs, lr, steps, logging
+SERVER_STRATEGIES = ("downpour", "dcasgd", "sandblaster", "sync-ps")  # ranks split into servers and workers
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,9 @@ class CommonConfig(_Section):
     data: Optional[str] = _opt(None, "training HDF5 file with datasets x and y (default: the built-in "
                                "'mpisgd-shapes' set, generated offline on first use)")
     val: Optional[str] = _opt(None, "validation HDF5 file of the same shape (default: the built-in set's)")
+    num_classes: Optional[int] = _opt(None, "number of classes; every label must be below it (default: the "
+                                      "file's num_classes attribute, else the largest label + 1, either at "
+                                      "most 100000)", check=positive_or_none)
     epochs: int = _opt(5, "epochs to train", check=positive, used_by=GRADIENT_STRATEGIES)
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps in total (counts across --resume; "
                                     "per worker in downpour/dcasgd)", check=positive_or_none,
@@ -138,11 +171,14 @@ class CommonConfig(_Section):
     lr: float = _opt(0.1, "base learning rate for --reference-batch; scaled linearly to the global batch",
                      check=positive, used_by=GRADIENT_STRATEGIES)
     weight_decay: float = _opt(1e-4, "weight decay (L2)", check=non_negative)
-    seed: int = _opt(0, "seed for initialization and shuffling (the same on every rank)", check=non_negative)
+    seed: int = _opt(0, "seed for initialization and shuffling (the same on every rank)", check=seed_value)
     checkpoint_dir: Optional[str] = _opt(None, "directory for checkpoints (written atomically by rank 0)")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each epoch)",
                                  check=non_negative, used_by=GRADIENT_STRATEGIES)
-    resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir")
+    resume: Any = _opt(False, "continue from the latest checkpoint in --checkpoint-dir; '--resume auto': from the "
+                       "newest valid one, or start fresh when there is none (one command starts and continues a "
+                       "job); '--resume PATH': from that file", kind=resume_value, const=True)
+    keep_checkpoints: int = _opt(0, "keep only the newest N numbered checkpoints (0: keep all)", check=non_negative)
     metrics: Optional[str] = _opt(None, "JSONL metrics file (written by rank 0)")
     log_every: int = _opt(10, "log training loss every N steps", check=positive, used_by=GRADIENT_STRATEGIES)
     target_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0..1]",
@@ -161,7 +197,8 @@ class CommonConfig(_Section):
 class SyncConfig(_Section):
     """Synchronous large-minibatch SGD (Goyal et al. 2017; LARS, You et al. 2017)."""
 
-    reference_batch: int = _opt(256, "batch size at which --lr applies (Goyal et al.: 256)", check=positive)
+    reference_batch: int = _opt(256, "batch size at which --lr applies (Goyal et al.: 256)", check=positive,
+                                used_by=("sync", "sync-ps"))
     warmup_epochs: float = _opt(0.0, "gradual warm-up length in epochs (Goyal et al.: 5)", check=non_negative)
     warmup_start_factor: Optional[float] = _opt(None, "first warm-up lr as a fraction of the target "
                                                 "(default 1/k for a k-times larger batch)", check=fraction_or_none)
@@ -170,21 +207,25 @@ class SyncConfig(_Section):
     milestones: tuple = _opt((), "epochs where the step schedule multiplies the lr by --gamma, e.g. 30,60",
                              kind=_floats)
     gamma: float = _opt(0.1, "step schedule decay factor", check=non_negative)
-    momentum: float = _opt(0.9, "momentum", check=non_negative)
+    momentum: float = _opt(0.9, "momentum", check=non_negative, used_by=("sync", "sync-ps"))
     no_decay_bias_bn: bool = _opt(False, "no weight decay (and no LARS trust ratio) on biases and norm layers")
     optimizer: str = _opt("sgd", "optimizer", choices=_fixed(OPTIMIZERS))
     trust_coefficient: float = _opt(0.001, "LARS trust coefficient", check=non_negative)
     algorithm: str = _opt("auto", "all-reduce algorithm",
                           choices=_owned("mpisgd.comm.communicator", "ALGORITHM_NAMES"))
     # DistBelief model parallelism (mpisgd.modelparallel): one replica over stages x splits of ranks
-    stages: int = _opt(1, "pipeline stages per model replica (1: no model parallelism)", check=positive)
-    micro_batches: int = _opt(1, "micro-batches per step in the pipeline (at least --stages)", check=positive)
+    # (read by sync and, split replicas on a parameter server, by downpour/dcasgd: GRADIENT_STRATEGIES)
+    stages: int = _opt(1, "pipeline stages per model replica (1: no model parallelism)", check=positive,
+                       used_by=GRADIENT_STRATEGIES)
+    micro_batches: int = _opt(1, "micro-batches per step in the pipeline (at least --stages)", check=positive,
+                              used_by=GRADIENT_STRATEGIES)
     pipeline_schedule: str = _opt("gpipe", "pipeline schedule: gpipe (all forward, then all backward) or 1f1b",
-                                  choices=_owned("mpisgd.modelparallel.schedules", "SCHEDULES"))
+                                  choices=_owned("mpisgd.modelparallel.schedules", "SCHEDULES"),
+                                  used_by=GRADIENT_STRATEGIES)
     balance: str = _opt("params", "how layers are cut into stages: params, time, uniform, or layers per "
-                        "stage, e.g. 2,3", check=lambda v: _balance_problem(v))
+                        "stage, e.g. 2,3", check=lambda v: _balance_problem(v), used_by=GRADIENT_STRATEGIES)
     tensor_parallel: int = _opt(1, "ranks each Linear of a stage is split over (by output features)",
-                                check=positive)
+                                check=positive, used_by=GRADIENT_STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -208,6 +249,10 @@ class DownpourConfig(_Section):
                             "sharing their cores get them first (see README)", check=niceness)
     eval_every: int = _opt(0, "evaluate on the validation set every N pushes (0: once per epoch of data)",
                            check=non_negative)
+    max_staleness: Optional[int] = _opt(None, "bounded staleness (SSP, Ho et al. 2013): no worker starts step "
+                                        "t+s+1 before every live worker has finished step t; 0 is bulk-"
+                                        "synchronous (default: fully asynchronous)", check=non_negative_or_none,
+                                        used_by=("downpour", "dcasgd"))
 
 
 @dataclass(frozen=True)
@@ -221,12 +266,21 @@ class SandblasterConfig(_Section):
     backup_tasks: bool = _opt(True, "re-issue unfinished portions near the end of a pass")
 
 
+@dataclass(frozen=True)
+class SyncPSConfig(_Section):
+    """Synchronous SGD on the parameter server with backup workers (Chen et al. 2016)."""
+
+    backup_workers: int = _opt(0, "sync-ps: each step applies the first N-b of the N workers' gradients and "
+                               "discards the rest (b backup workers)", check=non_negative)
+
+
 #: section attribute of TrainConfig -> (its dataclass, the title of its group in `mpisgd train --help`)
 SECTIONS: dict[str, tuple[type, str]] = {
     "common": (CommonConfig, "common options"),
     "sync": (SyncConfig, "sync options (Goyal et al. 2017)"),
     "downpour": (DownpourConfig, "downpour/dcasgd options (Dean et al. 2012; Zheng et al. 2017)"),
     "sandblaster": (SandblasterConfig, "sandblaster options (Dean et al. 2012)"),
+    "syncps": (SyncPSConfig, "sync-ps options (Chen et al. 2016)"),
 }
 
 
@@ -265,10 +319,11 @@ class TrainConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
+    syncps: SyncPSConfig = field(default_factory=SyncPSConfig)
 
     def __post_init__(self) -> None:
-        if self.common.resume and not self.common.checkpoint_dir:
-            raise ConfigError("--resume needs --checkpoint-dir")
+        if self.common.resume in (True, "auto") and not self.common.checkpoint_dir:
+            raise ConfigError("--resume needs --checkpoint-dir (or the path of a checkpoint file)")
 
     def __getattr__(self, name: str) -> Any:
         """``cfg.batch_size`` reads ``cfg.common.batch_size``: the flat names of the settings, read-only."""
@@ -329,27 +384,31 @@ def flag(name: str) -> str:
 
 def _convert(f: Field, value: Any) -> Any:
     """A value from a flag or a config file, to the field's type."""
-    if value is None:
-        return None
+    if value is None:  # a config file's null: only where None is the default ("not set")
+        if f.default is None:
+            return None
+        raise ConfigError(f"{flag(f.name)}: needs a value, got null")
     kind = f.metadata.get("kind")
-    if kind is not None:
-        return kind(",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value)
     default = f.default if f.default is not MISSING else None
     annotation = str(f.type)
     try:
+        if kind is not None:
+            return kind(",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value)
         if isinstance(default, bool) or annotation == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
+        if ("int" in annotation or "float" in annotation) and isinstance(value, bool):
+            raise ValueError(value)  # a config file's true is no number
         if "int" in annotation:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
         if "float" in annotation:
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{flag(f.name)}: cannot read {value!r} as {annotation}") from None
     return str(value)
 
@@ -365,7 +424,10 @@ def add_train_arguments(parser: Any) -> None:
         if setting.section == "common" and setting.used_by != tuple(STRATEGIES):
             help_text = f"{'/'.join(setting.used_by)}: {help_text}"
         default = f.default if f.default is not MISSING else None
-        if isinstance(default, bool):
+        if f.metadata.get("const") is not None:  # a flag with an optional value: --resume [auto|PATH]
+            group.add_argument(flag(f.name), dest=f.name, nargs="?", const=f.metadata["const"], default=None,
+                               metavar=f.name.upper(), help=f"{help_text} (default {default})")
+        elif isinstance(default, bool):
             group.add_argument(flag(f.name), dest=f.name, action="store_true", default=None,
                                help=f"{help_text} (default {default})")
             if default:

@@ -9,6 +9,8 @@ model, widths, input shape, classes, ranks), so that any final model can be rebu
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,11 @@ from mpi4py import MPI
 
 from mpisgd import checkpoint as ckpt
 from mpisgd.comm import Communicator
-from mpisgd.data import ShardedHDF5, default_dataset
-from mpisgd.errors import ConfigError
+from mpisgd.data import ShardedHDF5, compatibility_problems, default_dataset
+from mpisgd.errors import CheckpointError, ConfigError
 from mpisgd.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,7 +46,7 @@ def open_datasets(cfg: TrainConfig, comm: Communicator, *, rank: int, size: int)
     """
     train_path, val_path = cfg.data, cfg.val
     if train_path is None:
-        error = None
+        error: Optional[Exception] = None
         if comm.rank == 0:  # generate the built-in set once, then everyone reads it
             try:
                 files = default_dataset()
@@ -56,17 +60,16 @@ def open_datasets(cfg: TrainConfig, comm: Communicator, *, rank: int, size: int)
     error = None
     try:
         train = ShardedHDF5(train_path, rank, size, batch_size=cfg.batch_size, seed=cfg.seed,
-                            check_contents=False)
+                            num_classes=cfg.num_classes, check_contents=False)
         problems = train.content_problems()
         if val_path is not None:
             val = ShardedHDF5(val_path, rank, size, batch_size=cfg.batch_size, num_classes=train.num_classes,
                               shuffle=False, check_contents=False)
             problems += val.content_problems()
-            if val.input_shape != train.input_shape:
-                problems.append(f"validation x has shape {val.input_shape}, training x has {train.input_shape}")
+            problems += compatibility_problems(train, val)
         if problems:
             raise ConfigError("; ".join(problems))
-    except ConfigError as exc:
+    except Exception as exc:  # not only ConfigError: no rank may be left waiting in raise_together
         error = exc
     comm.raise_together(error)
     assert train is not None  # raise_together raised otherwise
@@ -116,46 +119,98 @@ def checkpoint_file(cfg: TrainConfig, step: int) -> Path:
     return ckpt.checkpoint_path(cfg.checkpoint_dir, step)
 
 
+def writer_metadata(cfg: TrainConfig, extra: Optional[dict]) -> dict:
+    """What wrote a checkpoint (its root attributes): the strategy and the world layout."""
+    extra = extra or {}
+    layout = {key: extra[key] for key in ("ranks", "servers", "workers", "model_parallel") if key in extra}
+    return {"strategy": cfg.strategy, "layout": layout}
+
+
 def write_checkpoint(cfg: TrainConfig, step: int, **sections: Any) -> Path:
-    """Write the resumable checkpoint of ``step`` atomically; ``sections`` as for `save_checkpoint`."""
-    return ckpt.save_checkpoint(checkpoint_file(cfg, step), **sections)
+    """Write the resumable checkpoint of ``step`` atomically; ``sections`` as for `save_checkpoint`.
+    Then keep only the newest ``--keep-checkpoints`` (never the one just written) and remove the
+    temporary files of writers that were killed."""
+    path = ckpt.save_checkpoint(checkpoint_file(cfg, step), writer=writer_metadata(cfg, sections.get("extra")),
+                                **sections)
+    if cfg.keep_checkpoints:
+        for old in ckpt.prune_checkpoints(cfg.checkpoint_dir, cfg.keep_checkpoints):
+            logger.info("--keep-checkpoints %d: removed %s", cfg.keep_checkpoints, old)
+    for stale in ckpt.stale_temporaries(cfg.checkpoint_dir):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return path
 
 
 def write_final_model(cfg: TrainConfig, **sections: Any) -> Path:
     """Write ``<checkpoint-dir>/final.h5`` atomically; ``sections`` as for `save_checkpoint`."""
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    return ckpt.save_checkpoint(Path(cfg.checkpoint_dir) / FINAL_MODEL_NAME, **sections)
+    return ckpt.save_checkpoint(Path(cfg.checkpoint_dir) / FINAL_MODEL_NAME,
+                                writer=writer_metadata(cfg, sections.get("extra")), **sections)
 
 
-def find_resume_checkpoint(cfg: TrainConfig, comm: Communicator) -> Path:
-    """Collective: the latest checkpoint in ``--checkpoint-dir``; none there is an error on every rank."""
-    path = ckpt.latest_checkpoint(cfg.checkpoint_dir)
-    comm.raise_together(None if path else ConfigError(f"--resume: no checkpoint in {cfg.checkpoint_dir}"))
-    assert path is not None  # raise_together raised otherwise
-    return path
+def resume_candidates(cfg: TrainConfig, comm: Communicator) -> list[Path]:
+    """Collective: the checkpoints ``--resume`` may start from, newest first, as rank 0 lists them
+    (so every rank tries the same files): the given file, or the numbered ones in ``--checkpoint-dir``."""
+    found: Optional[list[Path]] = None
+    if comm.rank == 0:
+        if isinstance(cfg.resume, str) and cfg.resume != "auto":
+            found = [Path(cfg.resume)]
+        else:
+            found = ckpt.list_checkpoints(cfg.checkpoint_dir)[::-1]
+    return comm.mpi.bcast(found, root=0)
 
 
-def resume_from_checkpoint(cfg: TrainConfig, comm: Communicator,
-                           restore: Callable[[dict], Restored]) -> tuple[dict, Restored]:
-    """Collective: every rank loads the latest checkpoint (the same file) and ``restore``s from it.
+def resume_from_checkpoint(cfg: TrainConfig, comm: Communicator, restore: Callable[[dict], Restored],
+                           load: Callable[[Path], dict] = ckpt.load_checkpoint) -> Optional[tuple[dict, Restored]]:
+    """Collective: every rank loads the checkpoint to resume from (the same file), verified, and
+    ``restore``s from it.
+
+    ``--resume`` (True): the newest checkpoint in ``--checkpoint-dir``; ``--resume PATH``: that file;
+    ``--resume auto``: the newest *valid* one, falling back to older ones past files that fail
+    verification (saying so), and None (start fresh) when the directory holds no checkpoint at all.
+    A directory whose checkpoints all fail is an error, not a fresh start: the job would otherwise
+    begin again and bury the evidence under new files.
 
     Args:
         restore: takes the loaded checkpoint (`load_checkpoint`'s dict) and puts it into the run's
             model, optimizer, data position...; returns whatever the strategy needs from it.
+        load: reads one file (default `load_checkpoint`; model parallelism loads its own way).
     Returns:
-        (the loaded checkpoint, what ``restore`` returned).
+        (the loaded checkpoint, what ``restore`` returned), or None for a fresh start.
     Raises:
-        ConfigError: on every rank together, naming the file, when there is no checkpoint, it cannot be
-            read, or ``restore`` rejects it (a ConfigError, KeyError, ValueError, TypeError, RuntimeError).
+        ConfigError: on every rank together, naming the file and the reason, when there is no checkpoint
+            (except with ``auto``), it fails verification (with ``auto``: all of them do), or ``restore``
+            rejects it (a ConfigError, KeyError, ValueError, TypeError, RuntimeError).
     """
-    path = find_resume_checkpoint(cfg, comm)
-    state: dict = {}
-    restored: Any = None
-    error: Optional[Exception] = None
-    try:
-        state = ckpt.load_checkpoint(path)
-        restored = restore(state)
-    except (ConfigError, RuntimeError, KeyError, ValueError, TypeError) as exc:
-        error = ConfigError(f"--resume from {path}: {exc}")
-    comm.raise_together(error)
-    return state, restored
+    candidates = resume_candidates(cfg, comm)
+    where = cfg.resume if isinstance(cfg.resume, str) and cfg.resume != "auto" else cfg.checkpoint_dir
+    if not candidates:
+        if cfg.resume == "auto":
+            if comm.rank == 0:
+                logger.info("--resume auto: no checkpoint in %s, starting fresh", where)
+            return None
+        comm.raise_together(ConfigError(f"--resume: no checkpoint in {where}"))
+    refused: list[str] = []
+    for path in candidates:
+        state: dict = {}
+        restored: Any = None
+        error: Optional[Exception] = None
+        try:
+            state = load(path)
+            restored = restore(state)
+        except CheckpointError as exc:
+            error = exc
+        except (ConfigError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            error = ConfigError(f"--resume from {path}: {exc}")
+        integrity = comm.mpi.allreduce(isinstance(error, CheckpointError), op=MPI.LOR)
+        if not (integrity and cfg.resume == "auto"):
+            comm.raise_together(error)
+            if refused and comm.rank == 0:
+                logger.warning("--resume auto: resumed from %s, the previous valid checkpoint", path)
+            return state, restored
+        reason = comm.mpi.bcast(str(error) if error is not None else None, root=0) or "refused on another rank"
+        refused.append(reason)
+        if comm.rank == 0:
+            logger.warning("--resume auto: %s; falling back to the previous checkpoint", reason)
+    comm.raise_together(CheckpointError(f"--resume auto: no valid checkpoint in {where}: " + "; ".join(refused)))
+    return None

@@ -6,6 +6,7 @@
 | `downpour`    | Dean et al. 2012 (Downpour SGD)         | `downpour`    |
 | `dcasgd`      | Zheng et al. 2017 (delay compensation)  | `downpour`    |
 | `sandblaster` | Dean et al. 2012 (Sandblaster L-BFGS)   | `sandblaster` |
+| `sync-ps`     | Chen et al. 2016 (backup workers)       | `syncps`      |
 
 Every strategy also reads the common section. Entries name their module rather than import it, so
 that reading the table (the config does, to validate ``--strategy``) loads neither torch nor MPI.
@@ -50,6 +51,7 @@ STRATEGIES: dict[str, StrategyEntry] = {entry.name: entry for entry in (
     StrategyEntry("downpour", "Dean et al. 2012", "downpour", "mpisgd.downpour.job", "train_downpour"),
     StrategyEntry("dcasgd", "Zheng et al. 2017", "downpour", "mpisgd.downpour.job", "train_downpour"),
     StrategyEntry("sandblaster", "Dean et al. 2012", "sandblaster", "mpisgd.sandblaster.job", "train_sandblaster"),
+    StrategyEntry("sync-ps", "Chen et al. 2016", "syncps", "mpisgd.syncps.job", "train_syncps"),
 )}
 
 

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import mpisgd_command, run_mpi
+from helpers import MPICH_CLIQUES_ONLY, mpi_library, mpisgd_command, run_mpi
 
 
 def test_info_reports_ranks_and_node_local_ranks():
@@ -38,6 +38,8 @@ def test_bench_allreduce_json(tmp_path, nprocs, env, algorithms):
     """By default every algorithm is timed; shm only where all ranks share a node, hier only across
     nodes of more than one rank each (MPICH's MPIR_CVAR_NOLOCAL=1 makes every rank a node of its own,
     MPIR_CVAR_NUM_CLIQUES=2 two nodes)."""
+    if env and mpi_library() != "mpich":
+        pytest.skip(MPICH_CLIQUES_ONLY)
     out = tmp_path / "bench.json"
     result = run_mpi(nprocs, [mpisgd_command(), "bench", "allreduce", "--sizes", "4KiB,64KiB", "--iterations",
                               "5", "--json", str(out)], timeout=180, env=env)
@@ -100,7 +102,7 @@ def test_train_help_groups_the_options_by_strategy():
     assert result.returncode == 0, result.stderr
     titles = [line for line in result.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert [t.split(" ")[0] for t in titles if " options" in t] == [
-        "common", "sync", "downpour/dcasgd", "sandblaster"], titles
+        "common", "sync", "downpour/dcasgd", "sandblaster", "sync-ps"], titles
     assert "--log-level" in result.stdout
 
 

@@ -1,6 +1,6 @@
-"""`mpisgd train --strategy downpour|dcasgd` end to end under mpiexec, on MPICH's shared-memory path and on
-its network path (MPIR_CVAR_NOLOCAL=1: no shared memory between the ranks of one machine, as between
-nodes): convergence, workers that stop early or hang, non-finite gradients, bad input, resume, metrics,
+"""`mpisgd train --strategy downpour|dcasgd` end to end under mpiexec, on the MPI library's shared-memory path
+and on its network path (helpers.network_path_environment: MPICH's MPIR_CVAR_NOLOCAL=1, Open MPI's osc/rdma
+over btl/tcp; no shared memory between the ranks of one machine, as between nodes): convergence, workers that stop early or hang, non-finite gradients, bad input, resume, metrics,
 and the RMA atomicity stress test at 5 ranks and on the network path.
 
 How faults are made: a hung worker is stopped from OUTSIDE with SIGSTOP (found by its rank variable and
@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from helpers import mpisgd_command, run_mpi
+from helpers import mpisgd_command, network_path_environment, run_mpi
 
 from mpisgd.checkpoint import load_checkpoint
 from mpisgd.data import make_classification_h5
@@ -39,7 +39,7 @@ from mpisgd.models import build_model
 TIMEOUT = 120
 FAULT_TIMEOUT = 300  # a fault test waits out --worker-timeout; this only bounds a hang
 WORKER_TIMEOUT = 20  # far beyond any pause of a live worker, even on 2 loaded cores
-PATHS = {"shm": {}, "network": {"MPIR_CVAR_NOLOCAL": "1"}}
+PATHS = {"shm": {}, "network": network_path_environment()}
 ACCURACY = 0.85  # what every strategy reaches on this data set; the stated bar of the convergence tests
 VALID_MODEL = 0.75  # fault tests: a trained model (chance is 1/3) after a run cut short by the fault
 

@@ -6,6 +6,7 @@ import torch
 from helpers import mpisgd_command, run_mpi
 
 from mpisgd.checkpoint import load_checkpoint
+from mpisgd.metrics import read_metrics
 
 TIMEOUT = 240
 
@@ -63,3 +64,17 @@ def test_bad_layouts_are_refused_on_every_rank(tmp_path, nprocs, flags, says):
     assert result.returncode == 2, result.stdout
     # every rank says it (their lines may interleave in the launcher's output)
     assert result.stdout.count("mpisgd: error:") == nprocs and result.stdout.count(says) == nprocs, result.stdout
+
+
+def test_metrics_of_a_split_run_record_the_unsplit_runs_losses(tmp_path):
+    records = {}
+    for nprocs, flags in ((1, []), (2, ["--stages", "2", "--micro-batches", "2"])):
+        metrics = tmp_path / f"metrics{nprocs}.jsonl"
+        result = train(nprocs, tmp_path / f"run{nprocs}", "--metrics", metrics, "--log-every", "4", *flags)
+        assert result.returncode == 0, result.stdout
+        records[nprocs] = [r for r in read_metrics(metrics) if r.get("loss") is not None]
+    assert [r["step"] for r in records[2]] == [r["step"] for r in records[1]] == [4, 8, 12]
+    for split, unsplit_record in zip(records[2], records[1]):
+        assert split["loss"] == pytest.approx(unsplit_record["loss"], rel=1e-4)
+        assert split["lr"] == pytest.approx(unsplit_record["lr"])
+        assert split["samples_per_s"] > 0 and split["bytes_sent"] > 0

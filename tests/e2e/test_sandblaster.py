@@ -11,8 +11,10 @@ after the worker computed its n-th portion, before it reports it (i.e. in the mi
 copy and every late copy races in after it; ``freeze`` SIGSTOPs the worker (a hung process, never
 continued: the job's abort takes it down); ``exit`` leaves the job with an exit. A worker cannot be
 killed with a signal to test a dead one: MPICH's hydra then SIGKILLs every rank whatever the flags
-(see the docstring of mpisgd.sandblaster.job); the exiting worker runs under
-`mpiexec -disable-auto-cleanup`.
+(see the docstring of mpisgd.sandblaster.job), and so does Open MPI's PRRTE unless the job is
+"recoverable", where MPI_Abort no longer ends a hung rank (measured: docs/cluster.rst); the exiting worker
+runs under the launcher's keep-running flags (helpers.keep_running_flags: hydra's -disable-auto-cleanup,
+PRRTE's ``--runtime-options error-nonzero-status=false``).
 """
 
 import os
@@ -23,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import mpisgd_command, run_mpi
+from helpers import keep_running_flags, mpisgd_command, run_mpi
 from scipy.optimize import minimize
 
 from mpisgd.checkpoint import load_checkpoint
@@ -90,7 +92,7 @@ class Run:
 
 def sandblaster(nprocs, servers, problem, folder, *flags, model="linear", env=None, mpiexec_flags=()):
     folder.mkdir(parents=True, exist_ok=True)
-    result = run_mpi(nprocs, [*mpiexec_flags, mpisgd_command(), "train", "--strategy", "sandblaster",
+    result = run_mpi(nprocs, [mpisgd_command(), "train", "--strategy", "sandblaster",
                               "--servers", str(servers), "--model", model, "--hidden", "8",
                               "--data", str(problem["train"]), "--val", str(problem["val"]),
                               "--weight-decay", str(WEIGHT_DECAY), "--portion-size", str(PORTION),
@@ -98,7 +100,7 @@ def sandblaster(nprocs, servers, problem, folder, *flags, model="linear", env=No
                               "--metrics", str(folder / "metrics.jsonl"),
                               "--checkpoint-dir", str(folder / "checkpoint"), "--no-progress",
                               *map(str, flags)],
-                     timeout=TIMEOUT, env=env)
+                     timeout=TIMEOUT, env=env, mpiexec_flags=list(mpiexec_flags))
     return Run(result, folder)
 
 
@@ -195,7 +197,7 @@ def test_frozen_worker_is_left_behind_and_the_job_ends(problem, tmp_path):
 
 def test_worker_that_exits_mid_pass_is_survived(problem, tmp_path):
     run = sandblaster(4, 1, problem, tmp_path, "--worker-timeout", "2", "--max-iterations", "30", model="mlp",
-                      env={SANDBLASTER_FAULT_VARIABLE: "3:5:exit"}, mpiexec_flags=["-disable-auto-cleanup"])
+                      env={SANDBLASTER_FAULT_VARIABLE: "3:5:exit"}, mpiexec_flags=keep_running_flags())
     assert run.returncode == 0, run.stdout
     assert "leaving the job in the middle of pass" in run.stdout and "lost worker rank(s) 3" in run.stdout
     objectives = [r["train_objective"] for r in run.iterations]

@@ -152,9 +152,9 @@ def test_non_finite_gradients_stop_or_skip(tmp_path, small_data):
 
 @pytest.mark.parametrize("flags, message", [
     (["--strategy", "downpour", "--momentum", "0.5"],
-     "--momentum is not used by --strategy downpour; it is read by --strategy sync only"),
+     "--momentum is not used by --strategy downpour; it is read by --strategy sync, sync-ps only"),
     (["--strategy", "sandblaster", "--epochs", "2"],
-     "--epochs is not used by --strategy sandblaster; it is read by --strategy sync, downpour, dcasgd only"),
+     "--epochs is not used by --strategy sandblaster; it is read by --strategy sync, downpour, dcasgd, sync-ps only"),
     (["--servers", "2"], "--servers is not used by --strategy sync"),
 ])
 def test_a_setting_the_strategy_ignores_is_an_error_naming_who_reads_it(small_data, flags, message):

@@ -381,3 +381,23 @@ def test_the_cli_entry_point_trains_and_checkpoints():
     assert len(set(WORLD.allgather(summary["val_accuracy"]))) == 1
     resumed = train_model_parallel(cfg.with_settings(resume=True, max_steps=4, stages=1), get_communicator())
     assert resumed["steps"] == 4
+
+
+@pytest.mark.parametrize("stages, splits", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_info_names_the_ranks_the_communicators_really_hold(stages, splits):
+    """`mpisgd info --stages K` (describe_grid) against the members MPI reports for each communicator."""
+    from mpisgd.modelparallel.grid import GridCommunicators, GridShape, describe_grid
+    if P % (stages * splits):
+        pytest.skip("the world does not factor")
+    grid = GridCommunicators(WORLD, GridShape(P, stages, splits))
+    a, s, t = grid.where
+    members = {"pipeline": (grid.pipeline.allgather(RANK), f"replica {a}, split {t} "),
+               "stage": (grid.stage.mpi.allgather(RANK), f"stage {s}, split {t} "),
+               "split": (grid.splits.allgather(RANK), f"replica {a}, stage {s}:")}
+    lines = describe_grid(P, stages, splits)
+    for kind, (ranks, label) in members.items():
+        if kind == "split" and splits == 1:
+            continue
+        line = next(line for line in lines if f"{kind} communicator of {label}" in line)
+        assert line.endswith("world ranks " + " ".join(map(str, ranks))), (line, ranks)
+    grid.free()

@@ -228,3 +228,173 @@ def test_rng_states_round_trip(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+# ---- integrity: checksums, versions, kill -9 during a write ------------------------------------------
+
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import h5py  # noqa: E402
+
+from mpisgd.checkpoint import HEADER_BYTES, list_checkpoints, read_writer, stale_temporaries  # noqa: E402
+from mpisgd.errors import CheckpointError  # noqa: E402
+from mpisgd.faults import WriteStage  # noqa: E402
+
+logger = logging.getLogger(__name__)
+MUTATIONS = 240
+
+
+def _realistic_checkpoint(path):
+    model = build_model("mlp", (6,), 3, (16,), seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    return save_checkpoint(path, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                           rng_states=capture_rng_states(), extra={"step": 7, "strategy": "sync"},
+                           writer={"strategy": "sync", "layout": {"ranks": 2}})
+
+
+def _array_extents(path):
+    """(offset, length) of every contiguous dataset's bytes in the file."""
+    extents = []
+    with h5py.File(path, "r") as file:
+        def visit(name, node):
+            if isinstance(node, h5py.Dataset) and node.id.get_offset() is not None and node.nbytes:
+                extents.append((name, node.id.get_offset(), node.id.get_storage_size()))
+        file.visititems(visit)
+    return extents
+
+
+def _mutate(rng, original, target):
+    """One random damage of the checkpoint ``original``, written to ``target``; returns its description."""
+    data = bytearray(original.read_bytes())
+    kind = rng.choice(["flip_anywhere", "flip_in_array", "flip_in_header", "truncate", "append", "swap_arrays",
+                       "change_attribute", "rewrite_array"])
+    if kind == "flip_anywhere":
+        offset = int(rng.integers(len(data)))
+        data[offset] ^= int(rng.integers(1, 256))
+    elif kind == "flip_in_array":
+        name, start, length = _array_extents(original)[int(rng.integers(len(_array_extents(original))))]
+        for _ in range(int(rng.integers(1, 65))):
+            data[start + int(rng.integers(length))] ^= int(rng.integers(1, 256))
+        kind += f" {name}"
+    elif kind == "flip_in_header":
+        data[int(rng.integers(HEADER_BYTES))] ^= int(rng.integers(1, 256))
+    elif kind == "truncate":
+        del data[int(rng.integers(len(data))):]
+    elif kind == "append":
+        data += bytes(rng.integers(0, 256, int(rng.integers(1, 100)), dtype=np.uint8))
+    target.write_bytes(bytes(data))
+    if kind in ("swap_arrays", "change_attribute", "rewrite_array"):
+        shutil.copyfile(original, target)
+        with h5py.File(target, "r+") as file:  # HDF5 keeps the user block, so only our checks can tell
+            weights = [name for name, _, _ in _array_extents(original)
+                       if name.startswith("model_state/") and file[name].attrs["kind"] == "tensor"]
+            if kind == "swap_arrays":
+                a, b = rng.choice(weights, 2, replace=False)
+                file.move(a, "swap"), file.move(b, a), file.move("swap", b)
+            elif kind == "change_attribute":
+                node = file[str(rng.choice(weights))]
+                node.attrs["dtype"] = "float64" if node.attrs["dtype"] != "float64" else "float32"
+            else:
+                node = file[str(rng.choice(weights))]
+                node[...] = node[()] * 1.0001 + 1e-6
+    return kind
+
+
+def test_every_damage_of_a_checkpoint_is_refused_naming_the_file(tmp_path):
+    """Random damage (byte flips anywhere and inside weight arrays, truncation, appended bytes, swapped
+    arrays, changed attributes, rewritten values) -> CheckpointError naming the file, every time."""
+    original = _realistic_checkpoint(tmp_path / "original.h5")
+    assert load_checkpoint(original)["extra"]["step"] == 7  # the undamaged file loads
+    rng = np.random.default_rng(20240614)
+    refused, kinds = 0, {}
+    for index in range(MUTATIONS):
+        target = tmp_path / f"damaged-{index}.h5"
+        kind = _mutate(rng, original, target).split()[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(target)
+        assert str(target) in str(caught.value), caught.value
+        refused += 1
+        target.unlink()
+    logger.warning("checkpoint damage: %d of %d mutations refused (%s)", refused, MUTATIONS,
+                   ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    assert refused == MUTATIONS and len(kinds) == 8
+
+
+def test_damage_inside_a_weight_array_is_named(tmp_path):
+    path = _realistic_checkpoint(tmp_path / "c.h5")
+    name, start, length = next(e for e in _array_extents(path) if e[0] == "model_state/1.weight")
+    data = bytearray(path.read_bytes())
+    for offset in range(start, start + 64):  # the issue's report: 64 bytes flipped, still valid HDF5
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checksum.*model_state/1\.weight"):
+        load_checkpoint(path)
+
+
+def test_writer_metadata_and_other_versions(tmp_path):
+    path = _realistic_checkpoint(tmp_path / "c.h5")
+    writer = load_checkpoint(path)["writer"]
+    assert writer["strategy"] == "sync" and writer["layout"] == {"ranks": 2} and writer["format_version"] == 2
+    assert read_writer(path)["layout"] == {"ranks": 2}
+    old = tmp_path / "old.h5"  # format 1: plain HDF5, no header, no checksums
+    with h5py.File(old, "w") as file:
+        file.attrs["format"], file.attrs["format_version"] = "mpisgd-checkpoint", 1
+    with pytest.raises(CheckpointError, match=r"old\.h5.*format version 1.*older mpisgd"):
+        load_checkpoint(old)
+    future = tmp_path / "future.h5"
+    data = bytearray(path.read_bytes())
+    data[:HEADER_BYTES] = data[:HEADER_BYTES].replace(b"format 2", b"format 9")
+    future.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"future\.h5.*format version 9; this mpisgd reads format 2"):
+        load_checkpoint(future)
+
+
+_KILLED_WRITER = """
+import sys, torch
+from mpisgd.checkpoint import save_checkpoint
+first, second = sys.argv[1], sys.argv[2]
+save_checkpoint(first, model_state={"w": torch.full((50_000,), 1.0)}, extra={"step": 1})
+save_checkpoint(second, model_state={"w": torch.full((50_000,), 2.0)}, extra={"step": 2})
+print("not killed")
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("same_file", [False, True], ids=["next-file", "same-file"])
+@pytest.mark.parametrize("stage", list(WriteStage), ids=lambda stage: stage.value)
+def test_kill_9_at_any_stage_of_a_write_leaves_a_valid_checkpoint(tmp_path, stage, same_file):
+    """SIGKILL at each stage of the second write: the first checkpoint still loads (or, once the rename
+    happened, the second does); nothing half-written is ever loaded."""
+    first = checkpoint_path(tmp_path, 1)
+    second = first if same_file else checkpoint_path(tmp_path, 2)
+    env = {**os.environ, "MPISGD_TEST_CHECKPOINT_FAULT": f"{stage.value}:2"}
+    result = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(first), str(second)], env=env,
+                            capture_output=True, text=True, timeout=100)
+    assert result.returncode == -9 and "not killed" not in result.stdout, result.stderr
+    renamed = stage in (WriteStage.AFTER_RENAME, WriteStage.AFTER_DIRECTORY_FSYNC)
+    newest = list_checkpoints(tmp_path)[-1]
+    state = load_checkpoint(newest)
+    expected_step = 2 if renamed else 1
+    assert state["extra"]["step"] == expected_step
+    assert torch.equal(state["model_state"]["w"], torch.full((50_000,), float(expected_step)))
+    for path in list_checkpoints(tmp_path):  # an older checkpoint is intact too
+        load_checkpoint(path)
+    assert bool(stale_temporaries(tmp_path)) == (not renamed)  # what the next writer removes
+
+
+def test_checkpoint_fault_spec_is_checked(monkeypatch):
+    from mpisgd import faults
+    from mpisgd.errors import SharedConfigError
+
+    monkeypatch.setenv("MPISGD_TEST_CHECKPOINT_FAULT", "after-nothing")
+    with pytest.raises(SharedConfigError, match="MPISGD_TEST_CHECKPOINT_FAULT"):
+        faults.checkpoint_fault()
+    monkeypatch.setenv("MPISGD_TEST_SIGNAL_AT", "3:SIGNOPE")
+    with pytest.raises(SharedConfigError, match="MPISGD_TEST_SIGNAL_AT"):
+        faults.signal_at_step(0)

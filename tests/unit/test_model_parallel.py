@@ -138,3 +138,46 @@ def test_settings_from_a_config_and_their_checks():
         ModelParallelSettings(pipeline_schedule="zb")
     with pytest.raises(ConfigError, match="stages must be a positive integer"):
         ModelParallelSettings(stages=0)
+
+
+class _Splits:
+    """What ColumnParallelLinear reads of its split group at construction (no MPI)."""
+
+    def __init__(self, split, splits):
+        self.split, self.splits = split, splits
+
+
+def _stage(model, layers, split=0, splits=1):
+    from collections import OrderedDict
+
+    from mpisgd.modelparallel.tensor_parallel import split_linears
+    children = list(model.named_children())
+    module = nn.Sequential(OrderedDict(children[i] for i in layers))
+    if splits > 1:
+        split_linears(module, _Splits(split, splits))
+    return module
+
+
+@pytest.mark.parametrize("layers, splits", [(range(0, 2), 1), (range(2, 5), 1), (range(0, 5), 3), (range(1, 4), 2)])
+def test_a_partitions_pieces_are_its_parameters_in_the_unsplit_flat_vector(layers, splits):
+    from mpisgd.modelparallel.slices import gather_pieces, partition_pieces
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3))
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+    pushed = torch.zeros(len(flat), dtype=torch.int64)
+    for split in range(splits):
+        module = _stage(model, layers, split, splits)
+        pieces = partition_pieces(model, module, split)
+        expected = torch.nn.utils.parameters_to_vector(module.parameters()).detach().numpy()  # torch's own order
+        assert (gather_pieces(flat, pieces) == expected).all()
+        for piece in pieces:
+            if piece.pushed:
+                pushed[piece.start:piece.start + piece.length] += 1
+    stage = _stage(model, layers)
+    offsets = [p.numel() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    held = {n for n, _ in stage.named_parameters()}
+    start = 0
+    for name, n in zip(names, offsets):  # every element of the stage pushed by exactly one split, none other
+        assert (pushed[start:start + n] == (1 if name in held else 0)).all(), name
+        start += n

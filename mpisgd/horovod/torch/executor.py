@@ -130,10 +130,10 @@ class Executor:
         op = ReduceOp(sig.op)
         if op == ReduceOp.ADASUM:
             for t in tensors:
-                self._adasum_(t, communicator.mpi)
+                self._adasum_(t, communicator)
         elif op == ReduceOp.PRODUCT:
             for t in tensors:
-                self._mpi_reduce_(t, communicator.mpi, MPI.PROD)
+                self._mpi_reduce_(t, communicator, MPI.PROD)
         else:
             work = [t if t.dtype in MPISGD_DTYPES else t.to(torch.int64) for t in tensors]
             if len(work) == 1:
@@ -150,20 +150,20 @@ class Executor:
         return tensors
 
     @staticmethod
-    def _mpi_reduce_(tensor: torch.Tensor, comm: MPI.Comm, mpi_op: MPI.Op) -> None:
+    def _mpi_reduce_(tensor: torch.Tensor, communicator: Any, mpi_op: MPI.Op) -> None:
         work = tensor.to(WIDENED.get(tensor.dtype, tensor.dtype)).contiguous()
         array = work.reshape(-1).numpy()
-        if array.size:
-            comm.Allreduce(MPI.IN_PLACE, array, op=mpi_op)
+        if array.size:  # nonblocking, under the collective watchdog, as every collective here
+            communicator.wait([communicator.mpi.Iallreduce(MPI.IN_PLACE, array, op=mpi_op)], "horovod allreduce")
         tensor.copy_(work)
 
     @staticmethod
-    def _adasum_(tensor: torch.Tensor, comm: MPI.Comm) -> None:
+    def _adasum_(tensor: torch.Tensor, communicator: Any) -> None:
         """Every rank gathers all gradients and combines them in the same binary tree, so that every
         rank ends with the same bits."""
         mine = tensor.double().reshape(-1).numpy()
-        everyone = np.empty((comm.Get_size(), mine.size))
-        comm.Allgather(mine, everyone)
+        everyone = np.empty((communicator.size, mine.size))
+        communicator.wait([communicator.mpi.Iallgather(mine, everyone)], "horovod adasum")
         level = list(everyone)
         while len(level) > 1:
             level = [adasum_combine(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
@@ -179,7 +179,9 @@ class Executor:
             return None  # the negotiation itself waited for every member
         if kind == Kind.BROADCAST:
             if op.tensor.numel():
-                comm.Bcast([as_bytes(op.tensor), MPI.BYTE], root=registered.relative_rank(response.signature.root))
+                root = registered.relative_rank(response.signature.root)
+                registered.communicator.wait([comm.Ibcast([as_bytes(op.tensor), MPI.BYTE], root=root)],
+                                             "horovod broadcast")
             return op.tensor
         if kind == Kind.ALLGATHER:
             return self._allgather(response, op, registered, comm)
@@ -201,7 +203,8 @@ class Executor:
         counts = [n * row_bytes for n in rows]
         displacements = [sum(counts[:i]) for i in range(len(counts))]
         if sum(counts):
-            comm.Allgatherv([as_bytes(op.tensor), MPI.BYTE], [as_bytes(out), counts, displacements, MPI.BYTE])
+            registered.communicator.wait([comm.Iallgatherv([as_bytes(op.tensor), MPI.BYTE], [
+                as_bytes(out), counts, displacements, MPI.BYTE])], "horovod allgather")
         return out
 
     def _alltoall(self, response: Response, op: Operation, registered: Any, comm: MPI.Comm) -> tuple:
@@ -215,8 +218,9 @@ class Executor:
         recv_counts = [n * row_bytes for n in received]
         send_displacements = [sum(send_counts[:i]) for i in range(len(sent))]
         recv_displacements = [sum(recv_counts[:i]) for i in range(len(received))]
-        comm.Alltoallv([as_bytes(op.tensor), send_counts, send_displacements, MPI.BYTE],
-                       [as_bytes(out), recv_counts, recv_displacements, MPI.BYTE])
+        registered.communicator.wait([comm.Ialltoallv([as_bytes(op.tensor), send_counts, send_displacements, MPI.BYTE],
+                                                      [as_bytes(out), recv_counts, recv_displacements, MPI.BYTE])],
+                                     "horovod alltoall")
         return out, torch.tensor(received, dtype=torch.int32)
 
     def _reducescatter(self, response: Response, op: Operation, registered: Any, comm: MPI.Comm) -> torch.Tensor:
@@ -232,8 +236,9 @@ class Executor:
         if mpi_op is None:
             raise HorovodInternalError(f"reducescatter does not support op {ReduceOp(sig.op).name}")
         if work.numel():
-            comm.Reduce_scatter(work.reshape(-1).numpy(), out.reshape(-1).numpy(),
-                                recvcounts=[n * row_elements for n in rows], op=mpi_op)
+            registered.communicator.wait([comm.Ireduce_scatter(work.reshape(-1).numpy(), out.reshape(-1).numpy(),
+                                                               recvcounts=[n * row_elements for n in rows], op=mpi_op)],
+                                         "horovod reducescatter")
         postscale = sig.postscale / (len(registered.ranks) if sig.op == ReduceOp.AVERAGE else 1)
         scale_(out, postscale)  # in the widened dtype
         return out.to(op.tensor.dtype) if out.dtype != op.tensor.dtype else out

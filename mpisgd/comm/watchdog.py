@@ -1,0 +1,388 @@
+"""The collective watchdog: no rank waits forever in a collective, and a stalled one says who is missing.
+
+Python cannot act while a rank sits in a blocking MPI call, so every collective mpisgd runs is
+nonblocking (``Iallreduce``, ``Ibcast``, ``Isend``/``Irecv``) and waited on by :meth:`Watchdog.wait`,
+through the one wait loop of :mod:`mpisgd.comm.wait`: a short spin, then sleeps of at most 1 ms.
+
+Who has not arrived is known without the missing rank's help (as Horovod's stall inspector knows it):
+each rank publishes, on entry to every collective, its sequence number and step in an *arrival board*,
+a few int64 per rank in an MPI RMA window (``Win.Allocate`` + one ``Lock_all(MODE_NOCHECK)`` epoch). On
+entry a rank only stores into its own memory (nanoseconds, no MPI call); only a wait that has lasted a
+while reads the others' slots (``Rget`` + ``Test``, bounded in time). On one node MPICH serves such a
+``Get`` from shared memory without the target's help, so a rank stopped with SIGSTOP can still be read
+(and was, in tests, even with ``MPIR_CVAR_NOLOCAL=1``); a rank whose slot cannot be read is reported as
+not answering. Waiting ranks also beat a heartbeat in their slot, so a rank stopped *inside* a
+collective (it arrived, then froze) shows as the one whose heartbeat stands still.
+
+Timeline of one wait (``waited`` restarts at every wait, so a collective that progresses, however
+slowly, is never declared dead): after ``stall_warning`` seconds (and every ``stall_warning`` after)
+every waiting rank logs which ranks have not arrived, at which collective and step; after ``timeout``
+seconds it marks itself as having given up, waits a moment for the other live ranks to give up too
+(so that every live rank reports, before a launcher ends the job), and raises
+:class:`~mpisgd.errors.CollectiveTimeout`. ``timeout=0`` turns the watchdog off: waits then block
+in MPI (``MPI_Waitall``) as a plain MPI program's do.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, cast
+
+from mpisgd import environment
+from mpisgd.comm.wait import Backoff, wait_until
+from mpisgd.errors import CollectiveTimeout, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_STALL_WARNING_S = 60.0
+#: a wait spins (polls without sleeping) this long: a collective still waiting after it waits for a
+#: peer's computation, not for the wire, and then sleeps of at most 1 ms cost < 1 ms of latency
+SPIN_S = 0.02
+FIRST_SLEEP_S = 1e-4
+LONGEST_SLEEP_S = 1e-3
+#: how long one read of the arrival board may take; a rank whose slot is not read by then is "not answering"
+BOARD_READ_S = 1.0
+#: at the timeout, how long a rank waits for the other live ranks to give up as well
+AGREE_S = 5.0
+NO_STEP = -1
+
+_cli_defaults: dict[str, Optional[float]] = {"timeout": None, "stall_warning": None}
+
+
+def set_defaults(*, timeout: Optional[float] = None, stall_warning: Optional[float] = None) -> None:
+    """Process-wide defaults for communicators created from now on (the ``mpisgd`` command's
+    ``--collective-timeout`` and ``--stall-warning``); they take precedence over the environment."""
+    _cli_defaults["timeout"], _cli_defaults["stall_warning"] = timeout, stall_warning
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    """``timeout``: seconds without progress before CollectiveTimeout (0: off, waits block in MPI);
+    ``stall_warning``: seconds before the first warning naming who is missing (0: no warnings)."""
+
+    timeout: float = DEFAULT_TIMEOUT_S
+    stall_warning: float = DEFAULT_STALL_WARNING_S
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timeout", _seconds("collective timeout", self.timeout))
+        object.__setattr__(self, "stall_warning", _seconds("stall warning", self.stall_warning))
+
+    @classmethod
+    def resolve(cls, timeout: Optional[float] = None, stall_warning: Optional[float] = None) -> WatchdogSettings:
+        """Explicit values, else the command's flags (:func:`set_defaults`), else ``MPISGD_COLLECTIVE_TIMEOUT``
+        and ``MPISGD_STALL_WARNING``, else 600 s and 60 s."""
+        def pick(given: Optional[float], key: str, variable: str, default: float) -> float:
+            for value in (given, _cli_defaults[key], environment.read(variable)):
+                if value is not None:
+                    return float(value)
+            return default
+        return cls(pick(timeout, "timeout", "MPISGD_COLLECTIVE_TIMEOUT", DEFAULT_TIMEOUT_S),
+                   pick(stall_warning, "stall_warning", "MPISGD_STALL_WARNING", DEFAULT_STALL_WARNING_S))
+
+    @property
+    def enabled(self) -> bool:
+        return self.timeout > 0
+
+    @property
+    def beat_s(self) -> float:
+        """How often a long wait beats its heartbeat (and first looks at the board)."""
+        horizon = min(s for s in (self.stall_warning, self.timeout) if s > 0) if self.enabled else 1.0
+        return max(0.005, min(1.0, horizon / 8))
+
+
+class Slot(NamedTuple):
+    """What one rank publishes in the arrival board."""
+
+    sequence: int  # collectives this rank has entered on this communicator
+    step: int  # the training step it was told about (NO_STEP: none)
+    heartbeat: int  # bumped while it waits long
+    gave_up: int  # the sequence number at which it timed out (0: never)
+
+
+FIELDS = len(Slot._fields)
+
+
+class ArrivalBoard:
+    """The RMA window of :class:`Slot` s, one per rank of ``comm`` (collective to create and to free)."""
+
+    def __init__(self, comm: Any) -> None:
+        import numpy as np
+        from mpi4py import MPI
+
+        self._MPI, self._np = MPI, np
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.win = MPI.Win.Allocate(FIELDS * 8, 8, comm=comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.mine: Any = np.frombuffer(cast(Any, self.win.tomemory()), dtype=np.int64, count=FIELDS)
+        self.mine[:] = 0
+        self.mine[1] = NO_STEP
+        self._inflight: dict[int, tuple[Any, Any]] = {}  # reads a frozen target has not answered yet
+        self.world_ranks = self._world_ranks(comm)
+        _live_boards.append(self)
+
+    def _world_ranks(self, comm: Any) -> list[int]:
+        """This communicator's ranks as COMM_WORLD ranks: what launchers, logs and users call them."""
+        MPI = self._MPI
+        world = MPI.COMM_WORLD.Get_group()
+        group = comm.Get_group()
+        try:
+            translated = MPI.Group.Translate_ranks(group, list(range(self.size)), world)
+        finally:
+            group.Free()
+            world.Free()
+        return [r if r != MPI.UNDEFINED else i for i, r in enumerate(translated)]
+
+    def publish(self, sequence: int, step: int) -> None:
+        self.mine[0], self.mine[1] = sequence, step
+
+    def beat(self) -> None:
+        self.mine[2] += 1
+
+    def give_up(self, sequence: int) -> None:
+        self.mine[3] = sequence
+
+    def read(self, within: float, clock: Callable[[], float] = time.monotonic) -> dict[int, Optional[Slot]]:
+        """Every rank's slot; None for ranks whose slot did not arrive within ``within`` seconds."""
+        MPI, np = self._MPI, self._np
+        self.win.Sync()  # this rank's own stores, visible to the others' reads
+        for rank in range(self.size):
+            if rank != self.rank and rank not in self._inflight:
+                buf = np.zeros(FIELDS, dtype=np.int64)
+                self._inflight[rank] = (self.win.Rget(buf, rank, (0, FIELDS, MPI.INT64_T)), buf)
+        slots: dict[int, Optional[Slot]] = {self.rank: Slot(*(int(v) for v in self.mine))}
+        deadline = clock() + within
+        while True:
+            for rank, (request, buf) in list(self._inflight.items()):
+                if request.Test():
+                    slots[rank] = Slot(*(int(v) for v in buf))
+                    del self._inflight[rank]
+            if not self._inflight or clock() >= deadline:
+                break
+            time.sleep(1e-4)
+        return {rank: slots.get(rank) for rank in range(self.size)}
+
+    def free(self) -> None:
+        """Collective (MPI_Win_free synchronizes)."""
+        if self in _live_boards:
+            _live_boards.remove(self)
+        self.win.Unlock_all()
+        self.win.Free()
+
+
+#: boards not freed yet, in creation order (the same on every rank); freed at exit, before MPI_Finalize, since
+#: an RMA window left to MPI_Finalize makes UCX print warnings, unless a collective timed out: the ranks it
+#: waited for would never join the (collective) free
+_live_boards: list[ArrivalBoard] = []
+_timed_out = False
+
+
+def timed_out() -> bool:
+    """Whether a collective of this process has timed out (cleanup code then must not wait for peers)."""
+    return _timed_out
+
+
+@atexit.register
+def _free_boards_at_exit() -> None:
+    from mpi4py import MPI
+
+    if _timed_out or MPI.Is_finalized() or not MPI.Is_initialized():
+        return
+    for board in list(_live_boards):
+        board.free()
+
+
+class Diagnosis(NamedTuple):
+    """Who a stalled collective waits for (ranks of the communicator)."""
+
+    not_arrived: dict  # rank -> its Slot (it is at an earlier collective)
+    silent: list  # entered this collective, but its heartbeat stood still between two reads
+    not_answering: list  # its slot could not be read
+
+
+def diagnose(sequence: int, me: int, now: dict, before: Optional[dict]) -> Diagnosis:
+    """Compare every rank's slot with this rank's ``sequence`` (pure: unit-tested without MPI)."""
+    not_arrived, silent, not_answering = {}, [], []
+    for rank, slot in sorted(now.items()):
+        if rank == me:
+            continue
+        if slot is None:
+            not_answering.append(rank)
+        elif slot.sequence < sequence:
+            not_arrived[rank] = slot
+        elif (slot.sequence == sequence and not slot.gave_up and before is not None
+              and before.get(rank) is not None and before[rank] == slot):
+            silent.append(rank)
+    return Diagnosis(not_arrived, silent, not_answering)
+
+
+def _names(ranks: list) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+class Watchdog:
+    """The deadline and stall reports of one communicator's collectives (see the module docstring).
+
+    Args:
+        rank, size: this rank and the communicator's size.
+        settings: timeout and stall warning.
+        board: the :class:`ArrivalBoard` (None: size 1, or no window could be made; then reports say
+            "unknown" where they would name ranks).
+        clock, sleep: injectable, for tests of the timeline without MPI.
+        world_ranks: how ranks are named in messages (default: the board's COMM_WORLD ranks).
+    """
+
+    def __init__(self, rank: int, size: int, settings: WatchdogSettings, *, board: Any = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, world_ranks: Optional[list] = None) -> None:
+        self.rank, self.size, self.settings, self.board = rank, size, settings, board
+        self.clock, self.sleep = clock, sleep
+        self.world_ranks = world_ranks or getattr(board, "world_ranks", None) or list(range(size))
+        self.sequence = 0
+        self.name = ""
+        self.step: Optional[int] = None  # set by whoever knows the training step (DistributedOptimizer)
+
+    # ---- the fast path ----------------------------------------------------------------------------
+    def enter(self, name: str) -> None:
+        """A collective named ``name`` starts on this rank: publish its sequence number (a local store)."""
+        self.sequence += 1
+        self.name = name
+        if self.board is not None:
+            self.board.publish(self.sequence, NO_STEP if self.step is None else self.step)
+
+    def wait(self, requests: list) -> None:
+        """Complete MPI ``requests`` of the current collective, under the deadline."""
+        if not self.settings.enabled:
+            if requests:
+                requests[0].Waitall(requests)
+            return
+        if len(requests) == 1:
+            request = requests[0]
+            if not request.Test():
+                self.wait_for(request.Test)
+        elif requests and not requests[0].Testall(requests):
+            self.wait_for(lambda: requests[0].Testall(requests))
+
+    def wait_for(self, ready: Callable[[], Any]) -> Any:
+        """Poll ``ready()`` (nonblocking) until it is true, warning and timing out as the settings say."""
+        backoff = Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
+                          clock=self.clock, sleep=self.sleep)
+        return wait_until(ready, backoff=backoff, clock=self.clock, watch=_StalledWait(self))
+
+    @contextlib.contextmanager
+    def timeout_of(self, timeout: Optional[float]) -> Iterator[None]:
+        """Collectives inside the block time out after ``timeout`` seconds (None: the settings' own)."""
+        if timeout is None:
+            yield
+            return
+        saved = self.settings
+        self.settings = dataclasses.replace(saved, timeout=timeout)
+        try:
+            yield
+        finally:
+            self.settings = saved
+
+    # ---- the slow path ----------------------------------------------------------------------------
+    def where(self) -> str:
+        step = "" if self.step is None else f", step {self.step}"
+        return f"collective #{self.sequence} {self.name!r}{step}"
+
+    def read_board(self) -> Optional[dict]:
+        if self.board is None:
+            return None
+        return self.board.read(min(BOARD_READ_S, max(self.settings.beat_s, 0.05)), self.clock)
+
+    def describe(self, now: Optional[dict], before: Optional[dict]) -> tuple[str, list]:
+        """(text naming who is missing, their ranks as named in messages)."""
+        if now is None:
+            return "which ranks are missing is unknown (no arrival board)", []
+        found = diagnose(self.sequence, self.rank, now, before)
+        named = self.world_ranks
+        parts, missing = [], []
+        if found.not_arrived:
+            ranks = sorted(found.not_arrived)
+            missing += ranks
+            at = "; ".join(f"rank {named[r]} at collective #{s.sequence}" + ("" if s.step == NO_STEP else
+                                                                            f", step {s.step}")
+                           for r, s in found.not_arrived.items())
+            verb = "has" if len(ranks) == 1 else "have"
+            parts.append(f"{_names([named[r] for r in ranks])} {verb} not arrived ({at})")
+        if found.not_answering:
+            missing += found.not_answering
+            parts.append(f"{_names([named[r] for r in found.not_answering])} did not answer a read of the "
+                         "arrival board (stopped, or unreachable without its progress)")
+        if found.silent and not missing:
+            missing += found.silent
+            parts.append(f"{_names([named[r] for r in found.silent])} entered it but showed no sign of life "
+                         "since (stopped, or busy outside mpisgd's waits)")
+        if not parts:
+            return "every rank has arrived; the data of some rank is late", []
+        return "; ".join(parts), [named[r] for r in missing]
+
+    def give_up(self, waited: float, now: Optional[dict], before: Optional[dict]) -> None:
+        """Mark this rank as given up, wait (briefly) until every other live rank has too, and raise."""
+        global _timed_out
+        _timed_out = True
+        if self.board is not None:
+            self.board.give_up(self.sequence)
+            text, _ = self.describe(now, before)
+            suspects = set(diagnose(self.sequence, self.rank, now or {}, before).not_arrived)
+            deadline = self.clock() + min(AGREE_S, self.settings.timeout)
+            while self.clock() < deadline:
+                slots = self.board.read(min(BOARD_READ_S, AGREE_S), self.clock)
+                live = [r for r, s in slots.items() if r != self.rank and s is not None and r not in suspects
+                        and s.sequence >= self.sequence]
+                if all(slots[r].gave_up >= self.sequence for r in live):
+                    break
+                self.sleep(0.01)
+        else:
+            text, _ = self.describe(now, before)
+        raise CollectiveTimeout(f"{self.where()}: no progress for {waited:.1f} s (collective timeout "
+                                f"{self.settings.timeout:g} s) on rank {self.world_ranks[self.rank]}: {text}")
+
+
+class _StalledWait:
+    """One wait's :class:`~mpisgd.comm.wait.Watch`: heartbeats, warnings every ``stall_warning`` s, the
+    timeout. Consulted only once the wait has lasted ``beat_s``."""
+
+    def __init__(self, watchdog: Watchdog) -> None:
+        self.dog = watchdog
+        settings = watchdog.settings
+        self.first_check = settings.beat_s
+        self.next_warning = settings.stall_warning if settings.stall_warning > 0 else float("inf")
+        self.before: Optional[dict] = None  # the board at the last read
+        self.read_at = -1.0
+
+    def check(self, waited: float) -> float:
+        dog, settings = self.dog, self.dog.settings
+        if dog.board is not None:
+            dog.board.beat()
+        if self.before is None or waited >= self.next_warning or waited >= settings.timeout:
+            now = dog.read_board()
+            previous = self.before if waited - self.read_at >= settings.beat_s else None
+            if waited >= settings.timeout:
+                dog.give_up(waited, now, previous)
+            if waited >= self.next_warning:
+                text, _ = dog.describe(now, previous)
+                logger.warning("stall: %s has waited %.1f s on rank %d: %s", dog.where(), waited,
+                               dog.world_ranks[dog.rank], text)
+                while self.next_warning <= waited:
+                    self.next_warning += settings.stall_warning
+            self.before, self.read_at = now, waited
+        return min(waited + settings.beat_s, self.next_warning, settings.timeout)

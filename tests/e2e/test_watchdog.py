@@ -1,0 +1,163 @@
+"""The collective watchdog under mpiexec: a frozen rank is named and the job ends; a slow rank is not a dead one.
+
+How faults are made: ``MPISGD_TEST_SYNC_FAULT`` (mpisgd/faults.py) acts in ``DistributedOptimizer.step``
+before the step's gradient all-reduce: ``freeze`` SIGSTOPs the rank (nothing continues it: the job must
+end by itself), ``slow`` sleeps at every step (a straggler that always arrives), ``raise`` raises. The bare
+``mpisgd.allreduce_`` loop freezes one rank from its own code. "Within timeout + 10 s" is the timeout of
+the wait for the job's end, counted from the line the frozen rank logs as it stops; no wall time is
+measured. Frozen ranks are found by their marker (faults.pid_of_rank) and SIGKILLed afterwards, whatever
+happened, so nothing is left stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+
+import pytest
+from helpers import ROOT, launcher_environment, launcher_flags, mpiexec, mpisgd_command, run_mpi
+
+from mpisgd.faults import MARKER_VARIABLE, SYNC_FAULT_VARIABLE, pid_of_rank
+
+COLLECTIVE_TIMEOUT_S = 5
+START_TIMEOUT_S = 180  # until the fault strikes: start-up of three ranks (torch imports) on a loaded machine
+EXIT_COLLECTIVE_TIMEOUT = 4  # mpisgd.cli.EXIT_COLLECTIVE_TIMEOUT, documented in docs/troubleshooting.rst
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("watchdog") / "train.h5"
+    made = run_mpi(1, [mpisgd_command(), "make-data", str(path), "--samples", "480", "--features", "8",
+                       "--classes", "3"], timeout=120)
+    assert made.returncode == 0, made.stdout
+    return path
+
+
+def run_until_frozen(nprocs: int, args: list, *, frozen_rank: int, freeze_line: str, env: dict) -> tuple:
+    """Launch the job, wait for ``freeze_line`` (the fault struck), then for the job's end within the collective
+    timeout + 10 s. Returns (exit code, output). The frozen rank is SIGKILLed in the end in any case."""
+    marker = uuid.uuid4().hex
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **launcher_environment(), MARKER_VARIABLE: marker, **env}
+    proc = subprocess.Popen([mpiexec(), *launcher_flags(), "-n", str(nprocs), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    output: list = []
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        while True:
+            line = lines.get(timeout=START_TIMEOUT_S)
+            assert line is not None, f"the job ended before the fault struck:\n{''.join(output)}"
+            if freeze_line in line:
+                break
+        try:
+            code = proc.wait(timeout=COLLECTIVE_TIMEOUT_S + 10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the live ranks did not end the job within the collective timeout + 10 s:\n"
+                                 + "".join(output)) from None
+        reader.join(timeout=30)
+        return code, "".join(output)
+    except queue.Empty:
+        raise AssertionError(f"the fault never struck:\n{''.join(output)}") from None
+    finally:
+        try:
+            os.kill(pid_of_rank(marker, frozen_rank, timeout=0.5), signal.SIGKILL)
+        except (RuntimeError, ProcessLookupError):
+            pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def error_lines(output: str, rank: int) -> list:
+    return [line for line in output.splitlines() if f"[rank {rank}] mpisgd: error:" in line]
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_rank_frozen_in_sync_training_is_named_by_every_live_rank(data):
+    code, out = run_until_frozen(
+        3, [mpisgd_command(), "train", "--strategy", "sync", "--data", str(data), "--epochs", "50",
+            "--batch-size", "8", "--no-progress", "--collective-timeout", str(COLLECTIVE_TIMEOUT_S),
+            "--stall-warning", "1"],
+        frozen_rank=1, freeze_line="freezing (SIGSTOP) at step 6", env={SYNC_FAULT_VARIABLE: "1:6:freeze"})
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for live in (0, 2):
+        errors = error_lines(out, live)
+        assert errors, f"rank {live} did not report:\n{out}"
+        assert "no progress for" in errors[0] and "rank 1 has not arrived" in errors[0], errors[0]
+        assert "'allreduce_many_', step 6" in errors[0], errors[0]
+        assert f"[rank {live}] warning: stall:" in out  # warned before giving up
+    assert not error_lines(out, 1)
+
+
+BARE_LOOP = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import mpisgd
+    from mpisgd.comm.abort import abort_world
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    comm = mpisgd.Communicator(timeout=float(sys.argv[1]), stall_warning=0)
+    x = np.ones(1024, dtype=np.float32)
+    try:
+        for i in range(1000000):
+            if rank == 1 and i == 50:
+                print(f"rank 1 freezing at iteration {i}", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            mpisgd.allreduce_(x, comm=comm)
+            x[:] = 1.0
+    except mpisgd.CollectiveTimeout as exc:
+        print(f"rank {rank} raised CollectiveTimeout: {exc}", flush=True)
+        abort_world(4)
+""")
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_rank_frozen_in_a_bare_allreduce_loop_makes_every_live_rank_raise(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(BARE_LOOP)
+    code, out = run_until_frozen(3, [sys.executable, str(script), str(COLLECTIVE_TIMEOUT_S)], frozen_rank=1,
+                                 freeze_line="rank 1 freezing at iteration 50", env={})
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for live in (0, 2):
+        raised = [line for line in out.splitlines() if line.startswith(f"rank {live} raised CollectiveTimeout")]
+        assert raised, f"rank {live} did not raise:\n{out}"
+        assert "'allreduce" in raised[0] and "rank 1 has not arrived" in raised[0], raised[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_ten_times_slower_is_warned_about_but_never_declared_dead(data):
+    # rank 2 sleeps 0.5 s before each step's all-reduce (the others compute a step in milliseconds): every
+    # wait of the others lasts ~0.5 s, far past the 0.2 s stall warning and far short of the 5 s timeout
+    run = run_mpi(3, [mpisgd_command(), "train", "--strategy", "sync", "--data", str(data), "--epochs", "1",
+                      "--batch-size", "40", "--no-progress", "--collective-timeout", str(COLLECTIVE_TIMEOUT_S),
+                      "--stall-warning", "0.2"], timeout=240, env={SYNC_FAULT_VARIABLE: "2:0:slow:0.5"})
+    assert run.returncode == 0, run.stdout
+    assert "no progress for" not in run.stdout
+    # (start-up may warn too: ranks load data at different speeds; the steps' all-reduces are what counts)
+    stalls = [line for line in run.stdout.splitlines() if "warning: stall:" in line and "'allreduce_many_'" in line]
+    assert stalls, run.stdout
+    assert all("rank 2 has not arrived" in line for line in stalls), stalls
+
+
+@pytest.mark.timeout(300)
+def test_one_rank_raising_ends_the_job_with_its_message(data):
+    run = run_mpi(3, [mpisgd_command(), "train", "--strategy", "sync", "--data", str(data), "--epochs", "5",
+                      "--batch-size", "8", "--no-progress", "--collective-timeout", "60"], timeout=240,
+                  env={SYNC_FAULT_VARIABLE: "1:3:raise"})
+    assert run.returncode == 1, run.stdout
+    assert "RuntimeError: test fault at step 3" in run.stdout
+    assert "[rank 1]" in run.stdout and "no progress for" not in run.stdout
