@@ -224,13 +224,15 @@ def test_bad_input_is_a_clear_error_on_every_rank(problem, tmp_path, nprocs, fla
     assert run.stdout.count(message) == nprocs, run.stdout
 
 
-def test_non_finite_objective_is_a_clear_error(problem, tmp_path):
-    """Values that overflow float32 (the models' input type) make the loss NaN: every rank says so, exit 1."""
+def test_values_beyond_float32_are_refused_on_every_rank(problem, tmp_path):
+    """A float64 value that overflows float32 (the models' input type) would make the objective NaN: the file
+    is refused when it is opened, on every rank, naming the file and the row, exit 2."""
     x = problem["x"].copy()
     x[7, 2] = 1e200
     data = dict(problem, train=tmp_path / "overflow.h5")
     with h5py.File(data["train"], "w") as file:
         file["x"], file["y"] = x, problem["y"]
     run = sandblaster(3, 1, data, tmp_path)
-    assert run.returncode == 1, run.stdout
-    assert run.stdout.count("the objective is not finite at the starting point") == 3, run.stdout
+    assert run.returncode == 2, run.stdout
+    assert run.stdout.count("beyond float32's range (first at row 7)") == 3, run.stdout
+    assert "overflow.h5" in run.stdout and "Traceback" not in run.stdout
