@@ -2,11 +2,9 @@
 file is the one that was written.
 
 A checkpoint holds the model and optimizer/scheduler state dicts, the random number generator states
-(torch, CUDA, numpy, python) and the data position, plus free `extra` data. Nested dicts, lists and tuples
-are stored as HDF5 groups, tensors and numpy arrays as datasets (bit-exact, dtype kept), and every subtree
-without arrays as one tagged-JSON string (int dict keys, tuples and numpy scalars survive; Python floats
-round-trip exactly through repr). So `torch.optim.SGD`, `LARS` and `LambdaLR` state comes back equal,
-and training resumed from a checkpoint is bitwise identical to training straight through (CPU).
+(torch, CUDA, numpy, python) and the data position, plus free `extra` data, each stored as an HDF5
+tree by :mod:`mpisgd.state_tree` (bit-exact, dtype kept). So `torch.optim.SGD`, `LARS` and `LambdaLR`
+state comes back equal, and training resumed from a checkpoint is bitwise identical to training straight through (CPU).
 
 Why atomic: a job killed while writing (time limit, preemption, node failure) must not destroy the
 previous checkpoint. Files are written to a temporary file in the same directory, fsynced, renamed over
@@ -32,7 +30,6 @@ import os
 import random
 import re
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,8 +38,9 @@ import h5py
 import numpy as np
 import torch
 
-from mpisgd import faults
+from mpisgd import faults, state_tree
 from mpisgd.errors import CheckpointError, ConfigError
+from mpisgd.state_tree import CHECKSUM, array_digest, read_node, text_digest
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -50,16 +48,11 @@ FORMAT_VERSION = 2  # 2: checksum header, per-array checksums, manifest, writer 
 SECTIONS = ("model_state", "optimizer_state", "scheduler_state", "rng_states", "data_position", "extra")
 CHECKPOINT_PREFIX = "checkpoint"
 
-_KEYS = "__keys__"  # dataset inside a dict group: tagged-JSON list of [key, child name]
-_METADATA = "__metadata__"  # OrderedDict._metadata of a module state_dict (module versions)
 _MANIFEST = "__manifest__"  # root dataset: tagged-JSON {dataset path: sha256} of every other dataset
-_CHECKSUM = "sha256"  # attribute of every dataset: the SHA-256 of its bytes
 HEADER_BYTES = 512  # the HDF5 user block holding the file's checksum
 _MAGIC = b"MPISGD-CHECKPOINT\n"
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HASH_CHUNK = 1 << 20
-# torch dtypes numpy cannot hold are stored as same-width integers and viewed back on load.
-_BITCAST_BY_ITEMSIZE = {1: torch.uint8, 2: torch.int16}
 
 
 # --- atomic files ----------------------------------------------------------------------------------
@@ -130,14 +123,6 @@ def atomic_h5_file(path: PathLike, *, userblock_size: int = 0, seal: Optional[Ca
 # --- checksums -----------------------------------------------------------------------------------
 
 
-def _array_digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
-
-
-def _text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _header(digest: str, length: int) -> bytes:
     """The user block: magic, format version, SHA-256 and length of the rest; zeros to HEADER_BYTES."""
     text = _MAGIC + f"format {FORMAT_VERSION}\nsha256 {digest}\nbytes {length}\n".encode("ascii")
@@ -159,148 +144,6 @@ def _seal(path: Path) -> None:
     digest, length = _digest_after_header(path)
     with open(path, "r+b") as file:
         file.write(_header(digest, length))
-
-
-# --- tagged JSON for array-free subtrees ------------------------------------------------------------
-
-
-def _to_json(obj: Any, where: str) -> Any:
-    if isinstance(obj, np.generic):  # before float: np.float64 is a float subclass
-        return {"__numpy__": obj.dtype.str, "value": obj.item()}
-    if obj is None or isinstance(obj, (bool, str, int, float)):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_to_json(item, f"{where}[{i}]") for i, item in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_to_json(item, f"{where}[{i}]") for i, item in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(key, str) and not key.startswith("__") for key in obj):
-            return {key: _to_json(value, f"{where}[{key!r}]") for key, value in obj.items()}
-        return {
-            "__items__": [
-                [_to_json(key, where), _to_json(value, f"{where}[{key!r}]")] for key, value in obj.items()
-            ]
-        }
-    raise TypeError(f"checkpoint: cannot store {type(obj).__name__} at {where}")
-
-
-def _from_json(obj: Any) -> Any:
-    if isinstance(obj, list):
-        return [_from_json(item) for item in obj]
-    if isinstance(obj, dict):
-        if "__tuple__" in obj and len(obj) == 1:
-            return tuple(_from_json(item) for item in obj["__tuple__"])
-        if "__items__" in obj and len(obj) == 1:
-            return {_from_json(key): _from_json(value) for key, value in obj["__items__"]}
-        if "__numpy__" in obj and len(obj) == 2:
-            return np.array(obj["value"], dtype=np.dtype(obj["__numpy__"]))[()]
-        return {key: _from_json(value) for key, value in obj.items()}
-    return obj
-
-
-def _write_json(group: h5py.Group, name: str, obj: Any, where: str) -> None:
-    text = json.dumps(_to_json(obj, where))
-    dataset = group.create_dataset(name, data=text, dtype=h5py.string_dtype("utf-8"))
-    dataset.attrs["kind"] = "json"
-    dataset.attrs[_CHECKSUM] = _text_digest(text)
-
-
-# --- nested state <-> HDF5 --------------------------------------------------------------------------
-
-
-def _contains_array(obj: Any) -> bool:
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        return True
-    if isinstance(obj, dict):
-        return any(_contains_array(value) for value in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_contains_array(item) for item in obj)
-    return False
-
-
-def _safe_name(key: Any, used: set) -> str | None:
-    reserved = (".", _KEYS, _METADATA)
-    if isinstance(key, str) and key and "/" not in key and key not in reserved and key not in used:
-        return key
-    return None
-
-
-def _write_node(group: h5py.Group, name: str, obj: Any, where: str) -> None:
-    if isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu()
-        if tensor.is_sparse or tensor.layout != torch.strided:
-            raise TypeError(f"checkpoint: cannot store a {tensor.layout} tensor at {where}")
-        try:
-            array = tensor.numpy()
-        except TypeError:  # bfloat16, float8: no numpy dtype; store the bits
-            array = tensor.view(_BITCAST_BY_ITEMSIZE[tensor.element_size()]).numpy()
-        dataset = group.create_dataset(name, data=array)
-        dataset.attrs["kind"] = "tensor"
-        dataset.attrs["dtype"] = str(tensor.dtype).replace("torch.", "")
-        dataset.attrs[_CHECKSUM] = _array_digest(array)
-    elif isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise TypeError(f"checkpoint: cannot store an object array at {where}")
-        dataset = group.create_dataset(name, data=obj)
-        dataset.attrs["kind"] = "ndarray"
-        dataset.attrs[_CHECKSUM] = _array_digest(obj)
-    elif isinstance(obj, dict) and _contains_array(obj):
-        subgroup = group.create_group(name)
-        subgroup.attrs["kind"] = "odict" if isinstance(obj, OrderedDict) else "dict"
-        used: set = set()
-        names = []
-        for index, (key, value) in enumerate(obj.items()):
-            child = _safe_name(key, used) or f"#{index}"
-            used.add(child)
-            names.append([key, child])
-            _write_node(subgroup, child, value, f"{where}[{key!r}]")
-        _write_json(subgroup, _KEYS, names, where)
-        metadata = getattr(obj, "_metadata", None)
-        if metadata is not None:
-            _write_json(subgroup, _METADATA, dict(metadata), f"{where}._metadata")
-    elif isinstance(obj, (list, tuple)) and _contains_array(obj):
-        subgroup = group.create_group(name)
-        subgroup.attrs["kind"] = "tuple" if isinstance(obj, tuple) else "list"
-        subgroup.attrs["length"] = len(obj)
-        for index, item in enumerate(obj):
-            _write_node(subgroup, str(index), item, f"{where}[{index}]")
-    else:
-        _write_json(group, name, obj, where)
-
-
-def _verified(node: h5py.Dataset, value: Any, digest: str, manifest: dict) -> Any:
-    """``value`` read from ``node``, once its checksum matches both its own and the manifest's."""
-    if node.attrs.get(_CHECKSUM) != digest or manifest.get(node.name) != digest:
-        raise CheckpointError(f"array {node.name!r} does not match its checksum (damaged or replaced)")
-    return value
-
-
-def _read_node(node: h5py.Group | h5py.Dataset, manifest: dict) -> Any:
-    kind = node.attrs.get("kind")
-    if kind == "json":
-        text = node.asstr()[()]
-        return _from_json(json.loads(_verified(node, text, _text_digest(text), manifest)))
-    if kind == "tensor":
-        array = node[()]
-        _verified(node, array, _array_digest(array), manifest)
-        dtype = getattr(torch, str(node.attrs["dtype"]))
-        tensor = torch.from_numpy(np.array(array, copy=True))
-        return tensor.view(dtype) if tensor.dtype != dtype else tensor
-    if kind == "ndarray":
-        array = node[()]
-        return np.array(_verified(node, array, _array_digest(array), manifest), copy=True)
-    if kind in ("dict", "odict"):
-        pairs = _read_node(node[_KEYS], manifest)
-        result: dict[Any, Any] = OrderedDict() if kind == "odict" else {}
-        for key, child in pairs:
-            result[key] = _read_node(node[child], manifest)
-        if _METADATA in node:
-            result._metadata = OrderedDict(_read_node(node[_METADATA], manifest))  # type: ignore[attr-defined]
-        return result
-    if kind in ("list", "tuple"):
-        items = [_read_node(node[str(index)], manifest) for index in range(int(node.attrs["length"]))]
-        return tuple(items) if kind == "tuple" else items
-    raise CheckpointError(f"unknown node kind {kind!r} at {node.name}")
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -359,14 +202,14 @@ def save_checkpoint(
         file.attrs["writer"] = json.dumps({"mpisgd_version": __version__, **(writer or {})})
         for name, state in sections.items():
             if state is not None:
-                _write_node(file, name, state, name)
+                state_tree.write_node(file, name, state, name)
                 at_stage(faults.WriteStage.DURING_WRITE)
         digests: dict[str, str] = {}
-        file.visititems(lambda name, node: digests.__setitem__(node.name, node.attrs[_CHECKSUM])
+        file.visititems(lambda name, node: digests.__setitem__(node.name, node.attrs[CHECKSUM])
                         if isinstance(node, h5py.Dataset) else None)
         text = json.dumps(digests, sort_keys=True)
         file.create_dataset(_MANIFEST, data=text, dtype=h5py.string_dtype("utf-8"))
-        file.attrs["manifest_sha256"] = _text_digest(text)
+        file.attrs["manifest_sha256"] = text_digest(text)
     return path
 
 
@@ -418,10 +261,10 @@ def _damaged_part(path: Path) -> str:
         if isinstance(node, h5py.Dataset) and node.name != f"/{_MANIFEST}":
             try:
                 value = node.asstr()[()] if node.attrs.get("kind") == "json" else node[()]
-                digest = _text_digest(value) if isinstance(value, str) else _array_digest(value)
+                digest = text_digest(value) if isinstance(value, str) else array_digest(value)
             except Exception:  # noqa: BLE001 - unreadable counts as damaged
                 digest = ""
-            if node.attrs.get(_CHECKSUM) != digest:
+            if node.attrs.get(CHECKSUM) != digest:
                 damaged.append(node.name)
 
     try:
@@ -461,7 +304,7 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
             if version != FORMAT_VERSION:
                 raise _refuse(path, f"has format version {version}; this mpisgd reads format {FORMAT_VERSION}")
             text = file[_MANIFEST].asstr()[()]
-            if _text_digest(text) != file.attrs.get("manifest_sha256"):
+            if text_digest(text) != file.attrs.get("manifest_sha256"):
                 raise _refuse(path, "has a manifest that does not match its checksum")
             manifest = json.loads(text)
             present: set = set()
@@ -469,7 +312,7 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
             if present - {f"/{_MANIFEST}"} != set(manifest):
                 odd = sorted(present.symmetric_difference(manifest) - {f"/{_MANIFEST}"})
                 raise _refuse(path, f"does not hold the arrays its manifest lists: {', '.join(odd[:5])}")
-            state = {name: (_read_node(file[name], manifest) if name in file else None) for name in SECTIONS}
+            state = {name: (read_node(file[name], manifest) if name in file else None) for name in SECTIONS}
             state["writer"] = {"format_version": version, **json.loads(str(file.attrs["writer"]))}
             return state
     except CheckpointError as exc:

@@ -160,10 +160,10 @@ def test_failure_mid_write_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_interrupt_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from mpisgd import checkpoint
+    from mpisgd import state_tree
 
     path = _good_checkpoint(tmp_path)
-    original = checkpoint._write_node
+    original = state_tree.write_node
     calls = []
 
     def write_then_die(*args, **kwargs):
@@ -172,7 +172,7 @@ def test_interrupt_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch
             raise KeyboardInterrupt  # e.g. SIGINT from a job scheduler
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "_write_node", write_then_die)
+    monkeypatch.setattr(state_tree, "write_node", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model_state={"a": torch.zeros(3), "b": torch.ones(3)}, extra={"step": 2})
     _assert_intact(path, tmp_path)
