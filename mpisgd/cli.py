@@ -61,8 +61,9 @@ def run_info(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         device, error = "-", exc
     comm.raise_together(error)
-    rows = comm.mpi.gather((comm.rank, socket.gethostname(), comm.local_rank, comm.local_size, device), root=0)
-    if rows is None:  # only rank 0 gathers
+    rows = comm.allgather_objects((comm.rank, socket.gethostname(), comm.local_rank, comm.local_size, device),
+                                  name="mpisgd info (each rank's row)")  # watched: a stopped rank is named
+    if comm.rank != 0:  # only rank 0 prints
         return 0
     levels = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
               MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED", MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE"}

@@ -63,6 +63,9 @@ def _text(name: str, raw: str) -> Value:
 VARIABLES = {v.name: v for v in [
     Variable("MPISGD_DATA_DIR", _text, "where the built-in data set is generated (default ~/.cache/mpisgd)"),
     Variable("MPISGD_CUDA_AWARE", _flag, "override the detection of CUDA-aware MPI"),
+    Variable("MPISGD_HOROVOD_SPECULATION", _choice("auto", "on", "off"),
+             "mpisgd.horovod: a repeated small allreduce travels in one message, without a negotiation "
+             "(auto: unless a node has more ranks than cores, where it costs more than it saves)"),
     Variable("MPISGD_SHM", _flag, "allow the shared-memory window (shm, hier) on one node"),
     Variable("MPISGD_ALLOW_SINGLETON", _flag,
              "run as one rank even where the launcher's variables (PMI_SIZE, OMPI_COMM_WORLD_SIZE, "
@@ -93,6 +96,12 @@ VARIABLES = {v.name: v for v in [
              "test-only (mpisgd/faults.py): stage[:n], SIGKILL this process at that stage of its n-th checkpoint write"),
     Variable("MPISGD_TEST_SIGNAL_AT", _text,
              "test-only (mpisgd/faults.py): step:signal[:ranks], a rank sends itself the signal after that step"),
+    Variable("MPISGD_TEST_EVALUATION_FAULT", _text,
+             "test-only (mpisgd/faults.py): rank:n:freeze|slow|raise|sleep[:seconds], at that rank's n-th evaluation "
+             "(from 0)"),
+    Variable("MPISGD_TEST_MODEL_PARALLEL_FAULT", _text,
+             "test-only (mpisgd/faults.py): rank:step:freeze|slow|raise|sleep[:seconds], before that model-parallel "
+             "step's pipeline"),
     Variable("MPISGD_TEST_SYNC_FAULT", _text, "test-only fault in DistributedOptimizer.step (mpisgd/faults.py): "
              "rank:step:freeze|slow|raise|sleep|exit|nan[:seconds]"),
     Variable("MPISGD_TEST_WORKER_FAULT", _text,

@@ -159,6 +159,32 @@ def sync_fault(rank: int) -> Optional[WorkerFault]:
     return parse_worker_fault(str(spec), rank, SYNC_FAULT_VARIABLE) if spec else None
 
 
+MODEL_PARALLEL_FAULT_VARIABLE = "MPISGD_TEST_MODEL_PARALLEL_FAULT"
+
+
+def model_parallel_fault(rank: int) -> Optional[WorkerFault]:
+    """World rank ``rank``'s fault in model-parallel training (``MPISGD_TEST_MODEL_PARALLEL_FAULT=rank:step:
+    action[:seconds]``, struck before the step's pipeline runs: a frozen stage), or None. Call it on every rank."""
+    spec = environment.read(MODEL_PARALLEL_FAULT_VARIABLE)
+    return parse_worker_fault(str(spec), rank, MODEL_PARALLEL_FAULT_VARIABLE) if spec else None
+
+
+EVALUATION_FAULT_VARIABLE = "MPISGD_TEST_EVALUATION_FAULT"
+_evaluations_started = 0
+
+
+def evaluation_started(rank: int) -> None:
+    """Hook at the start of every evaluation of world rank ``rank`` (call it on every rank): strikes
+    ``MPISGD_TEST_EVALUATION_FAULT=rank:n:action[:seconds]`` at this process's evaluation number n (from 0;
+    the strike's log line calls it a step)."""
+    global _evaluations_started
+    number, _evaluations_started = _evaluations_started, _evaluations_started + 1
+    spec = environment.read(EVALUATION_FAULT_VARIABLE)
+    fault = parse_worker_fault(str(spec), rank, EVALUATION_FAULT_VARIABLE) if spec else None
+    if fault is not None:
+        fault.strike(number)
+
+
 SANDBLASTER_FAULT_VARIABLE = "MPISGD_SANDBLASTER_FAULT"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Optional
@@ -19,14 +18,15 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisgd import arrays as backend
-from mpisgd.comm import policy
+from mpisgd.comm import objects, policy
+from mpisgd.comm.agreement import CARRY_BELOW_BYTES, Agreement, Layout
 from mpisgd.comm.algorithms import ALGORITHMS, AllreduceAlgorithm
 from mpisgd.comm.config import NON_POWER_OF_TWO_CHOICES, AllreduceConfig
 from mpisgd.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBucket, fusion_buckets
 from mpisgd.comm.policy import Nodes, Request, Situation, is_power_of_two
 from mpisgd.comm.shm import SharedMemoryAllreduce
 from mpisgd.comm.watchdog import ArrivalBoard, Watchdog, WatchdogSettings
-from mpisgd.errors import CollectiveMismatchError, CommError, ConfigError, JobFailedError, SharedConfigError
+from mpisgd.errors import CommError, ConfigError, JobFailedError, SharedConfigError
 
 __all__ = ["ALGORITHM_NAMES", "DEFAULT_BUCKET_BYTES", "NON_POWER_OF_TWO_CHOICES", "OPS", "SHM_FUSION_MIN_BYTES",
            "AllreduceConfig", "Communicator", "get_communicator", "is_power_of_two", "validate_op_and_algorithm"]
@@ -72,25 +72,36 @@ class Communicator:
                  timeout: Optional[float] = None, stall_warning: Optional[float] = None):
         self.config = config or AllreduceConfig()
         settings = WatchdogSettings.resolve(timeout, stall_warning)
-        self._mpi: Optional[MPI.Comm] = (comm if comm is not None else MPI.COMM_WORLD).Dup()
-        self._local: Optional[MPI.Comm] = self._mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self._mpi.Get_rank())
-        self.rank = self._mpi.Get_rank()
-        self.size = self._mpi.Get_size()
+        parent = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = parent.Get_rank()
+        self.size = parent.Get_size()
+        # start-up is watched too: a rank missing from the start is named instead of waited for forever
+        self.watchdog = Watchdog(self.rank, self.size, settings)
+        duplicate, duplicated = parent.Idup()
+        self.watchdog.enter("start-up: duplicate the communicator")
+        self.watchdog.wait([duplicated])
+        self._mpi: Optional[MPI.Comm] = duplicate
+        # created whatever the settings (they may differ between ranks), so its collective creation matches
+        self._board: Optional[ArrivalBoard] = ArrivalBoard(self._mpi) if self.size > 1 else None
+        self.watchdog.attach(self._board)
+        # MPI has no nonblocking split: a watched barrier right before it leaves a rank lost within
+        # microseconds of it as the only way to hang there
+        self.barrier(name="start-up: before the node split")
+        self._local: Optional[MPI.Comm] = self._mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self._local.Get_rank()
         self.local_size = self._local.Get_size()
-        self.num_nodes = self._mpi.allreduce(1 if self.local_rank == 0 else 0)
+        self.num_nodes = int(self.allreduce_numbers(int(self.local_rank == 0), name="start-up: count the nodes")[0])
+        largest, minus_smallest = self.allreduce_numbers([self.local_size, -self.local_size], "max",
+                                                         name="start-up: ranks per node")
+        self.most_ranks_per_node = int(largest)
+        self.uniform_nodes = -int(minus_smallest) == self.most_ranks_per_node
         # the same local rank on every node: the ranks that reduce the same block across nodes ("hier")
         self._cross: Optional[MPI.Comm] = self._mpi.Split(self.local_rank, key=self.rank)
-        self.most_ranks_per_node = self._mpi.allreduce(self.local_size, op=MPI.MAX)
-        self.uniform_nodes = self._mpi.allreduce(self.local_size, op=MPI.MIN) == self.most_ranks_per_node
         self._workspace: dict = {}
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.oversubscribed = self.local_size > cores
         self.polite = {"auto": self.oversubscribed, "1": True, "0": False}[self.config.yield_when_waiting]
-        # created whatever the settings (they may differ between ranks), so its collective creation matches
-        self._board: Optional[ArrivalBoard] = ArrivalBoard(self._mpi) if self.size > 1 else None
-        self.watchdog = Watchdog(self.rank, self.size, settings, board=self._board)
-        self._check_buf = np.zeros(2, dtype=np.int64)
+        self._agreement = Agreement(self.size)  # the mismatch check (agreement.py), one layout per communicator
         self._shm: Optional[SharedMemoryAllreduce] = None
         self._choices: dict = {}
         nodes = Nodes.ONE if self.num_nodes == 1 else Nodes.EQUAL if self.uniform_nodes else Nodes.UNEQUAL
@@ -105,7 +116,7 @@ class Communicator:
         """Every setting that decides which collectives run must be the same on every rank (they
         come from each rank's environment): otherwise ranks would enter different ones and hang."""
         settings = {name: value for name, value in vars(self.config).items() if name != "yield_when_waiting"}
-        everyone = self.mpi.allgather(settings)
+        everyone = self.allgather_objects(settings, name="start-up: agree on the all-reduce settings")
         differing = sorted(name for name in settings if any(other[name] != settings[name] for other in everyone))
         if differing:
             ranks = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
@@ -158,9 +169,22 @@ class Communicator:
         if exc_type is None:  # collective: a rank unwinding from an error must not wait in it for the others
             self.free()
 
-    def barrier(self) -> None:
-        self.watchdog.enter("barrier")
-        self.watchdog.wait([self.mpi.Ibarrier()])
+    # ---- small collectives of bookkeeping, watched (mpisgd.comm.objects) ---------------------
+    def barrier(self, *, name: str = "barrier") -> None:
+        """Every rank has arrived (``Ibarrier`` under the watchdog; ``name`` is what stall reports say)."""
+        objects.barrier(self, name=name)
+
+    def allreduce_numbers(self, values: Any, op: str = "sum", *, name: str) -> np.ndarray:
+        """A few numbers reduced across ranks (``"sum"``, ``"max"``, ``"min"``), watched; a new array."""
+        return objects.allreduce_numbers(self, values, op, name=name)
+
+    def bcast_object(self, obj: Any = None, root: int = 0, *, name: str) -> Any:
+        """Root's picklable ``obj`` on every rank, watched."""
+        return objects.bcast_object(self, obj, root, name=name)
+
+    def allgather_objects(self, obj: Any, *, name: str) -> list:
+        """Every rank's picklable ``obj`` in rank order, watched."""
+        return objects.allgather_objects(self, obj, name=name)
 
     def wait(self, requests: list, name: str) -> None:
         """Enter the collective ``name`` and complete its nonblocking MPI ``requests`` (started on
@@ -246,47 +270,54 @@ class Communicator:
             error = None
             try:  # the same verdict on every rank of a node: its free space is agreed by MPI_MIN
                 self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite,
-                                                  wait=self.watchdog.wait)
+                                                  wait=self.watchdog.wait, watched=objects.Watched(self.local, self.wait))
             except CommError as exc:
                 error = str(exc)
             # ... and across nodes, which run "hier" together: one node without a window refuses it for all
-            refusals = [e for e in self.mpi.allgather(error) if e]
+            refusals = [e for e in self.allgather_objects(error, name="shared window (verdicts)") if e]
             if refusals:
                 if self._shm is not None:
                     self._shm.free()  # collective on this node, whose ranks all created it
                     self._shm = None
                 self.situation = dataclasses.replace(self.situation, window=False)
                 self._choices.clear()
-                if required:
-                    raise CommError(refusals[0])
+                if required:  # asked for by name (``--algorithm shm|hier``): the user's setting cannot work
+                    raise SharedConfigError(refusals[0])
         return self._shm
 
     def check_agreement(self, call: str, **fields: Any) -> None:
         """Raise the same CommError on every rank if ranks called ``call`` with different fields.
 
-        Costs one 2-integer MPI_Allreduce (max of hash and of -hash); only on disagreement are the
-        descriptions gathered to name the ranks and fields that differ. Without it, ranks calling
-        a collective with different shapes would wait for each other forever.
+        Costs one small MPI_Iallreduce of the call's signature (:mod:`mpisgd.comm.agreement`, which a
+        small all-reduce's payload rides along in); only on disagreement are the descriptions gathered
+        to name the ranks and fields that differ. Without it, ranks calling a collective with
+        different shapes would wait for each other forever.
         """
         if not self.config.check_collectives or self.size == 1:
             return
-        description = {"call": call, **fields}
-        digest = zlib.crc32(repr(description).encode())
-        self._check_buf[0], self._check_buf[1] = digest, -digest
-        self.watchdog.enter(f"{call} (argument check)")
-        self.watchdog.wait([self.mpi.Iallreduce(MPI.IN_PLACE, self._check_buf, op=MPI.MAX)])
-        if self._check_buf[0] == -self._check_buf[1]:
-            return
-        everyone = self.mpi.allgather(description)
-        differences = []
-        for key in description:
-            by_value: dict = {}
-            for rank, desc in enumerate(everyone):
-                by_value.setdefault(repr(desc.get(key)), []).append(rank)
-            if len(by_value) > 1:
-                parts = "; ".join(f"ranks {_ranks(r)}: {v}" for v, r in by_value.items())
-                differences.append(f"{key} differs ({parts})")
-        raise CollectiveMismatchError(f"mismatched collective {call!r} across ranks: " + "; ".join(differences))
+        try:
+            key: Any = (call, *fields.items())
+            hash(key)
+        except TypeError:  # an unhashable field: described afresh every call
+            key = repr((call, fields))
+        self._agreement.check(self, key, {"call": call, **fields})
+
+    def _checked_allreduce(self, work: Any, op: str, algorithm: str, name: str, shape: tuple) -> bool:
+        """The mismatch check of ``allreduce_``; True when the payload travelled with it (and is reduced)."""
+        n = len(work.flat)
+        dtype = backend.reduction_dtype(name)
+        mpi_op = "sum" if op == "mean" else op
+        nbytes = n * _ITEMSIZE.get(dtype, 8)
+        layout = None
+        if (0 < nbytes < CARRY_BELOW_BYTES and self._agreement.can_carry(dtype, mpi_op)
+                and (algorithm == "native" or algorithm == "auto" and self.choose_algorithm(nbytes) == "native")):
+            layout = Layout(n, dtype, mpi_op)
+        carried = self._agreement.check(self, ("allreduce", op, algorithm, name, shape),
+                                        {"call": "allreduce", "op": op, "algorithm": algorithm, "dtype": name,
+                                         "shape": shape}, work.flat if layout is not None else None, mpi_op, layout)
+        if carried and op == "mean":
+            work.ops.divide_(work.flat, self.size)
+        return carried
 
     def raise_together(self, error: Optional[BaseException]) -> None:
         """Collective: if any rank passes an error, every rank raises it (the lowest rank's).
@@ -301,7 +332,7 @@ class Communicator:
         self.watchdog.wait([self.mpi.Iallreduce(MPI.IN_PLACE, failed_here, op=MPI.MAX)])
         if not failed_here[0]:
             return
-        reports = self.mpi.allgather(message)
+        reports = self.allgather_objects(message, name="raise_together (reports)")
         failed = [(rank, rep) for rank, rep in enumerate(reports) if rep is not None]
         if not failed:
             return
@@ -317,11 +348,11 @@ class Communicator:
         name = backend.check_dtype(x)
         if op == "mean" and name.startswith("int"):
             raise ConfigError(f"op='mean' needs a floating dtype, got {name}")
-        if self.config.check_collectives:
-            self.check_agreement("allreduce", op=op, algorithm=algorithm, dtype=name, shape=tuple(x.shape))
-        self.watchdog.enter("allreduce_")
         work = backend.work_buffer(x)
-        self._reduce_flat(work.flat, work.ops, op, algorithm)
+        if not (self.config.check_collectives and self.size > 1
+                and self._checked_allreduce(work, op, algorithm, name, tuple(x.shape))):
+            self.watchdog.enter("allreduce_")
+            self._reduce_flat(work.flat, work.ops, op, algorithm)
         work.finish()
         return x
 
@@ -413,6 +444,9 @@ class Communicator:
             self.watchdog.wait([self.mpi.Ibcast(bucket.ops.buffer(flat), root=root)])
             bucket.unpack(flat)
         return arrays
+
+
+_ITEMSIZE = {"float32": 4, "int32": 4, "float64": 8, "int64": 8}
 
 
 def _ranks(ranks: Iterable[int]) -> str:

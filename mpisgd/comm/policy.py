@@ -110,6 +110,11 @@ class Situation:
         configured = self.overrides.get(threshold.name)
         return threshold.default_bytes if configured is None else configured
 
+    @property
+    def shm_single_configured(self) -> bool:
+        """``shm_below_bytes`` was set: the rules measured without it (Open MPI's) step aside."""
+        return self.overrides.get(SHM_SINGLE_BELOW.name) is not None
+
     def shm_for_single_vectors(self) -> bool:
         """Single host vectors go through the window on one node: where configured (> 0), else by default
         only for process counts above two that are not powers of two."""
@@ -154,11 +159,11 @@ RULES: Sequence[Rule] = (
     Rule("fused host bucket on one node",
          lambda s, r: r.fused and r.host and s.window_on_one_node,
          _ladder(Band(SHM_FUSION_FROM, None), Band(None, SHM))),
-    Rule("Open MPI: up to two ranks on one node",
-         lambda s, r: s.size <= 2 and s.nodes is Nodes.ONE,
+    Rule("Open MPI: up to two ranks on one node, shm for single vectors not configured",
+         lambda s, r: s.size <= 2 and s.nodes is Nodes.ONE and not s.shm_single_configured,
          _ladder(Band(OPEN_MPI_NATIVE_UP_TO_TWO_RANKS, NATIVE), Band(None, LARGE)), OPEN_MPI),
     Rule("Open MPI: not a power of two on one node, shm for single vectors not configured",
-         lambda s, r: s.nodes is Nodes.ONE and not s.power_of_two and s.overrides.get(SHM_SINGLE_BELOW.name) is None,
+         lambda s, r: s.nodes is Nodes.ONE and not s.power_of_two and not s.shm_single_configured,
          _ladder(Band(OPEN_MPI_NATIVE_NOT_POWER_OF_TWO, NATIVE), Band(None, LARGE)), OPEN_MPI),
     Rule("host vector on one node, where shm serves single vectors",
          lambda s, r: r.host and s.shm_for_single_vectors(),

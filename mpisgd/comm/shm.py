@@ -33,6 +33,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisgd.arrays import HOST_OPS
+from mpisgd.comm import objects
 from mpisgd.comm.algorithms import block_bounds, wait_requests
 from mpisgd.errors import CommError
 
@@ -53,13 +54,14 @@ class SharedMemoryAllreduce:
     """
 
     def __init__(self, comm: MPI.Comm, area_bytes: int, *, polite: bool,
-                 wait: Optional[Callable[[list], None]] = None) -> None:
+                 wait: Optional[Callable[[list], None]] = None, watched: Any = None) -> None:
         self.comm, self.polite = comm, polite
         self.wait = wait  # the communicator's watchdog (its barriers have a deadline); None: MPI_Waitall
+        agree = watched if watched is not None else comm  # the creation's agreements (objects.Watched: watched)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.area_bytes = area_bytes - area_bytes % 8
         needed = 2 * self.area_bytes * (self.size + 1)  # every rank's slots + the result
-        room = comm.allreduce(_free_shared_memory(), op=MPI.MIN)
+        room = int(objects.allreduce_numbers(agree, _free_shared_memory(), "min", name="shared window: free memory")[0])
         if room < 2 * needed:  # twice: room for the MPI library's own shared memory and other jobs
             problem = shared_memory_shortage(2 * needed, room, self.area_bytes)
             if self.rank == 0:
@@ -72,7 +74,7 @@ class SharedMemoryAllreduce:
             windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=node))
         except MPI.Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        errors = [e for e in comm.allgather(error) if e]
+        errors = [e for e in objects.allgather_objects(agree, error, name="shared window: allocation") if e]
         if errors:
             for win in windows:
                 win.Free()

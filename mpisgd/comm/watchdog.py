@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, cast
 
@@ -107,6 +107,20 @@ class WatchdogSettings:
         return max(0.005, min(1.0, horizon / 8))
 
 
+def world_ranks(comm: Any) -> list[int]:
+    """``comm``'s ranks as COMM_WORLD ranks: what launchers, logs and users call them (local, no message)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD.Get_group()
+    group = comm.Get_group()
+    try:
+        translated = MPI.Group.Translate_ranks(group, list(range(comm.Get_size())), world)
+    finally:
+        group.Free()
+        world.Free()
+    return [r if r != MPI.UNDEFINED else i for i, r in enumerate(translated)]
+
+
 class Slot(NamedTuple):
     """What one rank publishes in the arrival board."""
 
@@ -134,20 +148,8 @@ class ArrivalBoard:
         self.mine[:] = 0
         self.mine[1] = NO_STEP
         self._inflight: dict[int, tuple[Any, Any]] = {}  # reads a frozen target has not answered yet
-        self.world_ranks = self._world_ranks(comm)
+        self.world_ranks = world_ranks(comm)
         _live_boards.append(self)
-
-    def _world_ranks(self, comm: Any) -> list[int]:
-        """This communicator's ranks as COMM_WORLD ranks: what launchers, logs and users call them."""
-        MPI = self._MPI
-        world = MPI.COMM_WORLD.Get_group()
-        group = comm.Get_group()
-        try:
-            translated = MPI.Group.Translate_ranks(group, list(range(self.size)), world)
-        finally:
-            group.Free()
-            world.Free()
-        return [r if r != MPI.UNDEFINED else i for i, r in enumerate(translated)]
 
     def publish(self, sequence: int, step: int) -> None:
         self.mine[0], self.mine[1] = sequence, step
@@ -179,7 +181,10 @@ class ArrivalBoard:
         return {rank: slots.get(rank) for rank in range(self.size)}
 
     def free(self) -> None:
-        """Collective (MPI_Win_free synchronizes)."""
+        """Collective (MPI_Win_free synchronizes); a second call does nothing (exit handlers may race)."""
+        if getattr(self, "_freed", False):
+            return
+        self._freed = True
         if self in _live_boards:
             _live_boards.remove(self)
         self.win.Unlock_all()
@@ -258,6 +263,11 @@ class Watchdog:
         self.name = ""
         self.step: Optional[int] = None  # set by whoever knows the training step (DistributedOptimizer)
 
+    def attach(self, board: Any) -> None:
+        """Use ``board`` from now on (a communicator's start-up is watched before its board exists)."""
+        self.board = board
+        self.world_ranks = getattr(board, "world_ranks", None) or self.world_ranks
+
     # ---- the fast path ----------------------------------------------------------------------------
     def enter(self, name: str) -> None:
         """A collective named ``name`` starts on this rank: publish its sequence number (a local store)."""
@@ -279,11 +289,23 @@ class Watchdog:
         elif requests and not requests[0].Testall(requests):
             self.wait_for(lambda: requests[0].Testall(requests))
 
-    def wait_for(self, ready: Callable[[], Any]) -> Any:
-        """Poll ``ready()`` (nonblocking) until it is true, warning and timing out as the settings say."""
-        backoff = Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
-                          clock=self.clock, sleep=self.sleep)
+    def wait_for(self, ready: Callable[[], Any], *, backoff: Optional[Backoff] = None) -> Any:
+        """Poll ``ready()`` (nonblocking) until it is true, warning and timing out as the settings say
+        (``backoff``: how to pause between polls, default a 20 ms spin, then sleeps of at most 1 ms)."""
+        backoff = backoff or Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
+                                     clock=self.clock, sleep=self.sleep)
         return wait_until(ready, backoff=backoff, clock=self.clock, watch=_StalledWait(self))
+
+    def wait_for_peers(self, ready: Callable[[], Any], *, what: str, peers: Sequence[int],
+                       timeout: Optional[float] = None, backoff: Optional[Backoff] = None) -> Any:
+        """Poll ``ready()`` for point-to-point traffic with ``peers`` (COMM_WORLD ranks, named in reports):
+        stall warnings and :class:`~mpisgd.errors.CollectiveTimeout` as for collectives, naming ``what`` and
+        the peers. ``timeout`` replaces the settings' (0: no deadline, and no warnings: polled forever)."""
+        settings = self.settings if timeout is None else dataclasses.replace(self.settings, timeout=timeout)
+        backoff = backoff or Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
+                                     clock=self.clock, sleep=self.sleep)
+        watch = _PeerWait(self, settings, what, list(peers)) if settings.enabled else None
+        return wait_until(ready, backoff=backoff, clock=self.clock, watch=watch)
 
     @contextlib.contextmanager
     def timeout_of(self, timeout: Optional[float]) -> Iterator[None]:
@@ -339,22 +361,29 @@ class Watchdog:
         """Mark this rank as given up, wait (briefly) until every other live rank has too, and raise."""
         global _timed_out
         _timed_out = True
-        if self.board is not None:
-            self.board.give_up(self.sequence)
-            text, _ = self.describe(now, before)
-            suspects = set(diagnose(self.sequence, self.rank, now or {}, before).not_arrived)
-            deadline = self.clock() + min(AGREE_S, self.settings.timeout)
-            while self.clock() < deadline:
-                slots = self.board.read(min(BOARD_READ_S, AGREE_S), self.clock)
-                live = [r for r, s in slots.items() if r != self.rank and s is not None and r not in suspects
-                        and s.sequence >= self.sequence]
-                if all(slots[r].gave_up >= self.sequence for r in live):
-                    break
-                self.sleep(0.01)
-        else:
-            text, _ = self.describe(now, before)
+        text, _ = self.describe(now, before)
+        suspects = set(diagnose(self.sequence, self.rank, now or {}, before).not_arrived)
+        self.await_the_others(suspects, self.sequence, self.settings.timeout)
         raise CollectiveTimeout(f"{self.where()}: no progress for {waited:.1f} s (collective timeout "
                                 f"{self.settings.timeout:g} s) on rank {self.world_ranks[self.rank]}: {text}")
+
+    def await_the_others(self, suspects: set, since: int, timeout: float) -> None:
+        """At a timeout: mark this rank as given up and wait (at most :data:`AGREE_S`) until every other rank
+        that is not a suspect and has entered collective ``since`` has given up too, so that every live rank
+        reports before the first one's exit ends the job."""
+        global _timed_out
+        _timed_out = True
+        if self.board is None:
+            return
+        self.board.give_up(max(self.sequence, 1))
+        deadline = self.clock() + min(AGREE_S, timeout)
+        while self.clock() < deadline:
+            slots = self.board.read(min(BOARD_READ_S, AGREE_S), self.clock)
+            live = [r for r, s in slots.items() if r != self.rank and s is not None and r not in suspects
+                    and s.sequence >= since]
+            if all(slots[r].gave_up >= max(since, 1) for r in live):
+                break
+            self.sleep(0.01)
 
 
 class _StalledWait:
@@ -385,4 +414,33 @@ class _StalledWait:
                 while self.next_warning <= waited:
                     self.next_warning += settings.stall_warning
             self.before, self.read_at = now, waited
+        return min(waited + settings.beat_s, self.next_warning, settings.timeout)
+
+
+class _PeerWait:
+    """The :class:`~mpisgd.comm.wait.Watch` of a point-to-point wait (:meth:`Watchdog.wait_for_peers`): the
+    peers are known, so no board is read; warnings every ``stall_warning`` s, then the timeout."""
+
+    def __init__(self, watchdog: Watchdog, settings: WatchdogSettings, what: str, peers: list) -> None:
+        self.dog, self.settings, self.what, self.peers = watchdog, settings, what, peers
+        self.first_check = settings.beat_s
+        self.next_warning = settings.stall_warning if settings.stall_warning > 0 else float("inf")
+
+    def missing(self) -> str:
+        return f"waiting for {_names(self.peers)}" if self.peers else "which rank is missing is unknown"
+
+    def check(self, waited: float) -> float:
+        dog, settings = self.dog, self.settings
+        me = dog.world_ranks[dog.rank]
+        if dog.board is not None:
+            dog.board.beat()
+        if waited >= settings.timeout:
+            suspects = {i for i, world in enumerate(dog.world_ranks) if world in self.peers}
+            dog.await_the_others(suspects, 0, settings.timeout)
+            raise CollectiveTimeout(f"{self.what}: no progress for {waited:.1f} s (collective timeout "
+                                    f"{settings.timeout:g} s) on rank {me}: {self.missing()}")
+        if waited >= self.next_warning:
+            logger.warning("stall: %s has waited %.1f s on rank %d: %s", self.what, waited, me, self.missing())
+            while self.next_warning <= waited:
+                self.next_warning += settings.stall_warning
         return min(waited + settings.beat_s, self.next_warning, settings.timeout)

@@ -7,7 +7,9 @@ row per worker of :class:`RowField` fields, a staleness histogram and the worker
 buffers (batch-norm statistics), written only by that worker; last, the clocks of bounded staleness
 (``--max-staleness``): one clock per worker (its finished steps, written by that worker; ``inf`` once it
 is done or failed) and one exclusion flag per worker (written by server 0: 1 while it counts the
-worker as dead). Every access is one RMA operation that is
+worker as dead); then one entry per world rank of the job (servers first), written by that rank: the
+stop signal it received (:mod:`mpisgd.training.preemption`), so that a signal reaching any one rank
+stops the whole job through server 0. Every access is one RMA operation that is
 atomic per element (``Accumulate(REPLACE)`` to write, ``Get_accumulate(NO_OP)`` to read), so a reader
 never sees a torn value; a row read while its worker writes may mix two reports, which only ever
 matters as one report of lag.
@@ -25,6 +27,8 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mpisgd.training import preemption
 
 if TYPE_CHECKING:
     from mpisgd.downpour.client import ParameterClient
@@ -79,9 +83,11 @@ class Header(IntEnum):
     EXIT_CODE = 3
     CHECKPOINT_REQUESTS = 4  # server 0 counts up; every server then hands in its shard
     ABORT = 5  # 1: the job ends with MPI_Abort (a worker never finished)
+    STOP_AT = 6  # sync-ps preempted: 0 none, STOP_PENDING while server 0 picks the step, else the last step
 
 
 HEADER_SIZE = 8  # room for later fields without moving the rows
+STOP_PENDING = -1.0  # Header.STOP_AT while server 0 reads the step to stop after
 
 
 class RowField(IntEnum):
@@ -111,6 +117,7 @@ class BoardLayout:
 
     num_workers: int
     buffer_size: int = 0  # float model buffers each worker publishes (batch-norm running statistics)
+    num_servers: int = 1
 
     HEADER = HEADER_SIZE
 
@@ -128,8 +135,13 @@ class BoardLayout:
         return HEADER_SIZE + self.num_workers * self.row_size
 
     @property
-    def size(self) -> int:
+    def signals_offset(self) -> int:
+        """Offset of the stop signals, one per world rank (servers, then workers)."""
         return self.clocks_offset + 2 * self.num_workers
+
+    @property
+    def size(self) -> int:
+        return self.signals_offset + self.num_servers + self.num_workers
 
     def row(self, worker_index: int) -> int:
         """Offset of worker ``worker_index``'s row."""
@@ -165,6 +177,11 @@ class BoardHeader:
     @property
     def abort(self) -> bool:
         return bool(self.values[Header.ABORT])
+
+    @property
+    def stop_at(self) -> float:
+        """sync-ps: 0 (no stop), :data:`STOP_PENDING`, or the last step before a preemption stop."""
+        return float(self.values[Header.STOP_AT])
 
 
 class _Column:
@@ -263,6 +280,8 @@ class JobBoard:
         self.layout: BoardLayout = self.windows.board_layout
         self._rows = np.zeros(self.layout.num_workers * self.layout.row_size, dtype=np.float64)
         self._clocks = np.zeros(2 * self.layout.num_workers, dtype=np.float64)
+        self._signals = np.zeros(self.layout.num_servers + self.layout.num_workers, dtype=np.float64)
+        self._signal_sent = False
 
     # ---- server 0 ---------------------------------------------------------------------------
     def initialize(self, *, warm_open: bool) -> BoardHeader:
@@ -290,7 +309,21 @@ class JobBoard:
         offset = self.layout.clocks_offset + self.layout.num_workers + worker_index
         self.client.write_board(offset, np.array([float(excluded)]))
 
+    def read_signals(self) -> dict:
+        """Server 0: {world rank: stop signal number} of the ranks that published one."""
+        self.client.read_board(self.layout.signals_offset, len(self._signals), out=self._signals)
+        return {int(rank): int(self._signals[rank]) for rank in np.flatnonzero(self._signals)}
+
     # ---- everybody ----------------------------------------------------------------------------
+    def forward_signal(self, rank: int) -> None:
+        """Publish the stop signal this process received, once (cheap to call often: nothing is sent
+        before a signal): server 0 sees it on the board and stops the job."""
+        signum = preemption.received()
+        if signum is None or self._signal_sent:
+            return
+        self._signal_sent = True
+        self.client.write_board(self.layout.signals_offset + rank, np.array([float(signum)]))
+
     def read_clocks(self) -> WorkerClocks:
         """Every worker's clock and exclusion flag, in one read."""
         self.client.read_board(self.layout.clocks_offset, 2 * self.layout.num_workers, out=self._clocks)

@@ -42,6 +42,7 @@ class JobContext:
     num_batches: int  # per worker and epoch
     resumed: dict = field(default_factory=dict)
     extension: Any = None  # what a system built on these windows adds (mpisgd.syncps: its own windows)
+    signal_fault: Any = None  # the test hook MPISGD_TEST_SIGNAL_AT (mpisgd.faults.SignalAtStep), if set
 
     @property
     def step_budget(self) -> int:

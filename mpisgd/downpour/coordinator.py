@@ -75,6 +75,7 @@ def follow_coordinator(job: JobContext, server: ShardServer) -> dict:
     checkpoints_done = 0
     while True:
         server.serve_for(BOARD_CHECK_S)
+        job.board.forward_signal(job.comm.rank)
         job.board.read_header(header)
         while checkpoints_done < header.checkpoint_requests:
             gather_shards(job, server)
@@ -195,13 +196,31 @@ class Coordinator:
             pushes = [int(v) for v in rows.pushes]
             logger.info("warm start done, pushes per worker %s; the others join", pushes)
 
-    def _stop_if_preempted(self) -> None:
-        """A stop signal on server 0: the workers stop, the servers drain and write a checkpoint."""
+    def _received_signal(self) -> Optional[str]:
+        """Who received a stop signal, in words (server 0 itself, or any rank that published one on
+        the board), or None."""
         signum = preemption.received()
-        if signum is not None and self.stop_reason is None:
-            logger.warning("%s received: stopping the workers; the servers write a checkpoint (resume with "
-                           "--resume auto)", preemption.signal_name(signum))
-            self._request_stop(StopReason.PREEMPTED)
+        if signum is not None:
+            return f"{preemption.signal_name(signum)} received"
+        signals = self.board.read_signals()
+        if not signals:
+            return None
+        rank, signum = min(signals.items())
+        return f"{preemption.signal_name(signum)} received by rank {rank}"
+
+    def _stop_if_preempted(self) -> None:
+        """A stop signal on any rank: the workers stop, the servers drain and write a checkpoint."""
+        if self.stop_reason is not None:
+            return
+        received = self._received_signal()
+        if received is not None:
+            logger.warning("%s: stopping the workers; the servers write a checkpoint (resume with "
+                           "--resume auto)", received)
+            self._preempt()
+
+    def _preempt(self) -> None:
+        """Stop the job for a signal (sync-ps stops at a step that every shard completes)."""
+        self._request_stop(StopReason.PREEMPTED)
 
     def _request_stop(self, reason: StopReason) -> None:
         self.stop_reason = reason

@@ -138,6 +138,7 @@ def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System
     system = system or DOWNPOUR
     rule_name = system.rule_name(cfg)
     fault = faults.worker_fault(comm.rank)  # on every rank: a malformed value fails on all of them
+    signal_fault = faults.signal_at_step(comm.rank)
     try:
         device = "cpu" if is_server else select_device(
             comm.local_rank, comm.local_size, want_gpu=cfg.device == "cuda", share_gpus=cfg.share_gpus)
@@ -167,22 +168,14 @@ def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System
     samples = samples_per_rank(data.train.num_samples, num_workers) if is_server else data.train.samples_per_rank
     num_batches = -(-samples // cfg.batch_size)
 
-    # which node each rank is on (named by its lowest world rank): a server with workers on other nodes
-    # must react to their RMA operations quickly
     world = comm.mpi
     assert isinstance(world, MPI.Intracomm)  # the library's duplicate of COMM_WORLD
-    nodes = world.allgather(comm.local.allreduce(comm.rank, op=MPI.MIN))
-    remote_workers = any(nodes[w] != nodes[comm.rank] for w in roles.workers)
-    try:
-        idle_sleep, error = idle_sleep_for(remote_workers=remote_workers), None
-    except ConfigError as exc:
-        idle_sleep, error = 0.0, exc
-    comm.raise_together(error)
+    remote_workers, idle_sleep = server_pacing(comm, roles)
     role_comm = world.Split(0 if is_server else 1, comm.rank)
     windows = ParameterServerWindows(world, roles, layout, buffer_size=sum(b.numel() for b in buffers))
     client = ParameterClient(windows)
     job = JobContext(cfg, comm, roles, layout, windows, client, JobBoard(client), role_comm, model, device,
-                     data, buffers, rule_name, num_batches, resumed)
+                     data, buffers, rule_name, num_batches, resumed, signal_fault=signal_fault)
     job.extension = system.setup(job)  # collective: the system's own windows
     server = _start_server(job, system, flat, remote_workers, idle_sleep) if is_server else None
     header = None
@@ -199,7 +192,21 @@ def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System
             summary = follow_coordinator(job, server)
     finally:
         role_comm.Free()
-    return _finish(job, summary)
+    return finish_job(job, summary)
+
+
+def server_pacing(comm: Communicator, roles: Roles) -> tuple[bool, float]:
+    """Collective: whether any worker is on another node than this rank, and the idle sleep of a server
+    here (a server with workers on other nodes must react to their RMA operations quickly); a bad
+    setting is raised on every rank together."""
+    nodes = comm.mpi.allgather(comm.local.allreduce(comm.rank, op=MPI.MIN))  # a node: its lowest world rank
+    remote_workers = any(nodes[w] != nodes[comm.rank] for w in roles.workers)
+    try:
+        idle_sleep, error = idle_sleep_for(remote_workers=remote_workers), None
+    except ConfigError as exc:
+        idle_sleep, error = 0.0, exc
+    comm.raise_together(error)
+    return remote_workers, idle_sleep
 
 
 def _start_server(job: JobContext, system: System, flat: np.ndarray, remote_workers: bool,
@@ -248,7 +255,12 @@ def _load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Mod
         return state
 
     resumed = resume_from_checkpoint(cfg, comm, restore)
-    return resumed[1] if resumed is not None else {}  # None: --resume auto found no checkpoint
+    if resumed is None:  # --resume auto found no checkpoint
+        return {}
+    if comm.rank == 0:
+        logger.info("resuming %s at step %d (workers at steps %s)", cfg.strategy, resumed[1]["step"],
+                    resumed[1]["worker_steps"])
+    return resumed[1]
 
 
 # ---- the end of the job ------------------------------------------------------------------------------
@@ -297,7 +309,7 @@ def _meet_before_freeing_windows(job: JobContext, summary: dict) -> None:
                                  f"{job.cfg.worker_timeout:g} s"))
 
 
-def _finish(job: JobContext, summary: dict) -> dict:
+def finish_job(job: JobContext, summary: dict) -> dict:
     """Free the windows and return, or, with a dead worker, end the job with MPI_Abort (see the module
     docstring): the final model is already written, and the hung process could never join a collective."""
     if job.is_coordinator:

@@ -81,6 +81,14 @@ def _allocate(comm: MPI.Intracomm, count: int, dtype, info: dict | None = None) 
             mpi_info.Free()
 
 
+def free_windows(windows: list) -> None:
+    """Collective: end this rank's ``Lock_all`` epoch on each of ``windows``, then free them."""
+    for win in windows:
+        win.Unlock_all()
+    for win in windows:
+        win.Free()
+
+
 def window_array(win: MPI.Win, dtype: type) -> np.ndarray:
     """This rank's own memory of window ``win`` as a numpy array (a view: stores need ``win.Sync()``)."""
     memory = win.tomemory()
@@ -111,7 +119,7 @@ class ParameterServerWindows:
         self.roles, self.layout = roles, layout
         self.rank = self.comm.Get_rank()
         self.shard: int | None = roles.servers.index(self.rank) if self.rank in roles.servers else None
-        self.board_layout = BoardLayout(len(roles.workers), buffer_size)
+        self.board_layout = BoardLayout(len(roles.workers), buffer_size, num_servers=len(roles.servers))
         own = 0 if self.shard is None else layout.shard_size(self.shard)
         accumulate_info = {"which_accumulate_ops": "sum,replace,no_op", "accumulate_ordering": "none"}
         self.params = _allocate(self.comm, own, np.float32)
@@ -162,10 +170,7 @@ class ParameterServerWindows:
         at a normal end of the job (see mpisgd.downpour.job on ending with a hung rank)."""
         if self._freed:
             return
-        for win in self._windows:
-            win.Unlock_all()
-        for win in self._windows:
-            win.Free()
+        free_windows(self._windows)
         self.comm.Free()
         self._freed = True
 

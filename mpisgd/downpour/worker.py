@@ -29,6 +29,7 @@ from mpisgd.downpour.board import BoardHeader, Phase, RowField, WorkerReport, Wo
 from mpisgd.downpour.client import NonFinitePushError
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.delay_compensation import DelayCompensation
+from mpisgd.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,55 @@ def _endless(train: Iterable) -> Iterator:
         yield from train
 
 
-class Worker:
+class GradientAccrual:
+    """What a Downpour client (a worker, or one partition of a split replica) keeps between pushes: its
+    gradient, the sum accrued since the last push, and DC-ASGD's compensation with its vectors."""
+
+    cfg: TrainConfig
+    row: WorkerReport
+    step: int
+
+    def init_accrual(self, n: int) -> None:
+        """The buffers for ``n`` parameters (this client's part of the model)."""
+        self.grads = np.zeros(n, dtype=np.float32)
+        self.accrued = np.zeros(n, dtype=np.float32)
+        self.accrued_steps = 0
+        self.compensation: Optional[DelayCompensation] = None
+        if self.cfg.strategy == "dcasgd":
+            self.compensation = DelayCompensation(n, lam=self.cfg.dc_lambda, variant=self.cfg.dc_variant,
+                                                  momentum=self.cfg.dc_momentum)
+            # w_reference: the parameters this push's gradient was computed at (the Taylor point)
+            self.w_reference, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+            self.compensated = np.zeros(n, dtype=np.float32)
+
+    def accrue_at(self, local: np.ndarray, loss: float) -> None:
+        """Add this step's (finite) gradient, computed at ``local`` (this client's parameters), to what the
+        next push sends; with --n-fetch > 1, Downpour's local step on ``local``."""
+        if self.compensation is not None and self.accrued_steps == 0:
+            # with --n-fetch > 1 the client has stepped locally since its pull: the gradient was computed
+            # here, not at the pulled parameters (later ones of an --n-push accrual at nearby points)
+            self.w_reference[:] = local
+        self.accrued += self.grads
+        self.accrued_steps += 1
+        if self.cfg.n_fetch > 1:  # Downpour's local step between fetches
+            local -= np.float32(self.cfg.lr) * self.grads
+        self.row.add(RowField.LOSS_SUM, loss)
+        self.row.add(RowField.LOSS_COUNT)
+
+    def nonfinite_stops(self, what: str) -> bool:
+        """Count this step's non-finite gradient; True with --on-nonfinite stop: ``what`` (this client's
+        part of the job) stops, and the job with it."""
+        self.row.add(RowField.NONFINITE)
+        if self.cfg.on_nonfinite != "stop":
+            return False
+        logger.error("step %d: non-finite gradient; %s stops and the job with it (use --on-nonfinite skip to "
+                     "skip such steps)", self.step, what)
+        self.row.set(RowField.FAILED_STEP, self.step)
+        self.row.set(RowField.STEPS, self.step)
+        return True
+
+
+class Worker(GradientAccrual):
     """One model replica of the job ``job``; :meth:`run` trains and returns the job's outcome."""
 
     def __init__(self, job: JobContext, *, fault: Optional[faults.WorkerFault] = None) -> None:
@@ -67,23 +116,16 @@ class Worker:
             p.data = self.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self.params = list(job.model.parameters())
-        self.grads = np.zeros(n, dtype=np.float32)
-        self.accrued = np.zeros(n, dtype=np.float32)
-        self.accrued_steps = 0
-        self.compensation: Optional[DelayCompensation] = None
-        if self.cfg.strategy == "dcasgd":
-            self.compensation = DelayCompensation(n, lam=self.cfg.dc_lambda, variant=self.cfg.dc_variant,
-                                                  momentum=self.cfg.dc_momentum)
-            # w_reference: the parameters this push's gradient was computed at (the Taylor point)
-            self.w_reference, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-            self.compensated = np.zeros(n, dtype=np.float32)
+        self.init_accrual(n)
         self.row = WorkerReport(job.board.layout, self.index, steps=self.step)
         self.header = BoardHeader()
         self.fault = fault
 
     # ---- the board ----------------------------------------------------------------------------
     def report(self) -> BoardHeader:
-        """Write this worker's row (its heartbeat, batch-norm statistics included) and read the header."""
+        """Write this worker's row (its heartbeat, batch-norm statistics included) and read the header;
+        a stop signal this process received goes to server 0 first."""
+        self.board.forward_signal(self.job.comm.rank)
         if self.job.buffers:
             self.row.set_buffers(np.concatenate([b.detach().reshape(-1).cpu().numpy()
                                                  for b in self.job.buffers]))
@@ -155,19 +197,20 @@ class Worker:
 
     def accrue(self, loss: float) -> None:
         """Add this step's (finite) gradient to what the next push sends; Downpour's local step."""
-        if self.compensation is not None and self.accrued_steps == 0:
-            # with --n-fetch > 1 the worker has stepped locally since its pull: the gradient was
-            # computed here, not at the pulled parameters (later ones of an --n-push accrual at nearby
-            # points)
-            self.w_reference[:] = self.pulled
-        self.accrued += self.grads
-        self.accrued_steps += 1
-        if self.cfg.n_fetch > 1:  # Downpour's local step between fetches
-            self.pulled -= np.float32(self.cfg.lr) * self.grads
-            if self.job.device != "cpu":
-                self.flat.copy_(torch.from_numpy(self.pulled))
-        self.row.add(RowField.LOSS_SUM, loss)
-        self.row.add(RowField.LOSS_COUNT)
+        self.accrue_at(self.pulled, loss)
+        if self.cfg.n_fetch > 1 and self.job.device != "cpu":
+            self.flat.copy_(torch.from_numpy(self.pulled))
+
+    def finish_step(self) -> bool:
+        """After a step: its count and clock published, the report made (the header read into
+        ``self.header``); the test hooks strike here (``MPISGD_TEST_SIGNAL_AT``: this rank signals itself
+        after a known step). True: a test fault ends this worker's training."""
+        self.row.set(RowField.STEPS, self.step)
+        self.publish_clock()
+        if self.job.signal_fault is not None:
+            self.job.signal_fault.strike(self.step)
+        self.report()
+        return bool(self.fault and self.fault.strike(self.step))
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self, header: BoardHeader) -> WorkerState:
@@ -190,21 +233,13 @@ class Worker:
                 self.grads[0] = np.nan
             if np.isfinite(self.grads).all():
                 self.accrue(loss)
-            else:
-                self.row.add(RowField.NONFINITE)
-                if cfg.on_nonfinite == "stop":
-                    logger.error("step %d: non-finite gradient; this worker stops and the job with it "
-                                 "(use --on-nonfinite skip to skip such steps)", self.step)
-                    self.row.set(RowField.FAILED_STEP, self.step)
-                    self.row.set(RowField.STEPS, self.step)
-                    return WorkerState.FAILED
+            elif self.nonfinite_stops("this worker"):
+                return WorkerState.FAILED
             if self.step % cfg.n_push == 0 and self.accrued_steps:
                 self.push_gradients()
-            self.row.set(RowField.STEPS, self.step)
-            self.publish_clock()
-            header = self.report()
-            if self.fault and self.fault.strike(self.step):
+            if self.finish_step():
                 break
+            header = self.header
         if self.accrued_steps:
             self.push_gradients()
         return WorkerState.DONE

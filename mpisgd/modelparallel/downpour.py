@@ -54,11 +54,11 @@ from mpisgd.downpour.client import NonFinitePushError, ParameterClient
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.coordinator import Coordinator, follow_coordinator
 from mpisgd.downpour.delay_compensation import DelayCompensation
-from mpisgd.downpour.job import _finish as finish_job
-from mpisgd.downpour.job import assign_roles
+from mpisgd.downpour.job import assign_roles, finish_job, server_pacing
 from mpisgd.downpour.rules import make_rule
-from mpisgd.downpour.server import idle_sleep_for, lower_cpu_priority, network_path
+from mpisgd.downpour.server import lower_cpu_priority, network_path
 from mpisgd.downpour.windows import ParameterServerWindows
+from mpisgd.downpour.worker import GradientAccrual
 from mpisgd.errors import ConfigError, SharedConfigError
 from mpisgd.modelparallel.grid import GridShape
 from mpisgd.modelparallel.model_parallel import ModelParallel
@@ -165,13 +165,7 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
     comm.raise_together(error)
     stage_layers = world.allgather(None if mp is None else (mp.layers.start, mp.layers.stop, mp.split))
 
-    nodes = world.allgather(comm.local.allreduce(comm.rank, op=MPI.MIN))
-    remote_workers = any(nodes[w] != nodes[comm.rank] for w in roles.workers)
-    try:
-        idle_sleep, error = idle_sleep_for(remote_workers=remote_workers), None
-    except ConfigError as exc:
-        idle_sleep, error = 0.0, exc
-    comm.raise_together(error)
+    remote_workers, idle_sleep = server_pacing(comm, roles)
     buffers = [b for _, b in _float_buffers(model)]
     windows = ParameterServerWindows(world, roles, layout, buffer_size=sum(b.numel() for b in buffers))
     applied = AppliedPushes(world, roles.servers)
@@ -223,7 +217,7 @@ def _endless(train: Iterable) -> Iterator:
         yield from train
 
 
-class PartitionWorker:
+class PartitionWorker(GradientAccrual):
     """One partition (stage, split) of one replica in a Downpour job; :meth:`run` trains and returns the
     job's outcome as the board tells it."""
 
@@ -241,15 +235,7 @@ class PartitionWorker:
         for p in self.params:
             p.data = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        self.grads = np.zeros(n, dtype=np.float32)
-        self.accrued = np.zeros(n, dtype=np.float32)
-        self.accrued_steps = 0
-        self.compensation: Optional[DelayCompensation] = None
-        if self.cfg.strategy == "dcasgd":
-            self.compensation = DelayCompensation(n, lam=self.cfg.dc_lambda, variant=self.cfg.dc_variant,
-                                                  momentum=self.cfg.dc_momentum)
-            self.w_reference, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-            self.compensated = np.zeros(n, dtype=np.float32)
+        self.init_accrual(n)
         self.row = WorkerReport(job.board.layout, self.index)
         self.header = BoardHeader()
         offsets = _buffer_offsets(job.model)
@@ -260,7 +246,9 @@ class PartitionWorker:
 
     # ---- the board and the replica ------------------------------------------------------------
     def report(self) -> BoardHeader:
-        """Write this partition's row (its heartbeat, its stage's batch-norm statistics) and read the header."""
+        """Write this partition's row (its heartbeat, its stage's batch-norm statistics) and read the header;
+        a stop signal this process received goes to server 0 first."""
+        self.board.forward_signal(self.job.comm.rank)
         for offset, b in self.buffers:
             start = self.row.buffers_offset + offset
             self.row.values[start:start + b.numel()] = b.detach().reshape(-1).numpy()
@@ -311,16 +299,6 @@ class PartitionWorker:
         if self.cfg.weight_decay:
             self.grads += np.float32(self.cfg.weight_decay) * self.local
 
-    def accrue(self, loss: float) -> None:
-        if self.compensation is not None and self.accrued_steps == 0:
-            self.w_reference[:] = self.local
-        self.accrued += self.grads
-        self.accrued_steps += 1
-        if self.cfg.n_fetch > 1:  # Downpour's local step between fetches
-            self.local -= np.float32(self.cfg.lr) * self.grads
-        self.row.add(RowField.LOSS_SUM, loss)
-        self.row.add(RowField.LOSS_COUNT)
-
     def push_gradients(self) -> None:
         gradient = self.accrued
         if self.compensation is not None:  # w_now: a fresh pull right before the push
@@ -354,14 +332,9 @@ class PartitionWorker:
             if self.fault and self.fault.corrupts_gradient(self.step) and len(self.grads):
                 self.grads[0] = np.nan
             if np.isfinite(self.grads).all():
-                self.accrue(loss)
-            else:
-                self.row.add(RowField.NONFINITE)
-                if cfg.on_nonfinite == "stop":
-                    logger.error("step %d: non-finite gradient in %s; its replica stops and the job with it "
-                                 "(use --on-nonfinite skip to skip such steps)", self.step, self.mp.where)
-                    self.row.set(RowField.FAILED_STEP, self.step)
-                    state = WorkerState.FAILED  # voted against the next step: the replica stops together
+                self.accrue_at(self.local, loss)
+            elif self.nonfinite_stops(f"{self.mp.where}, its replica,"):
+                state = WorkerState.FAILED  # voted against the next step: the replica stops together
             if self.step % cfg.n_push == 0 and self.accrued_steps:
                 self.push_gradients()
             self.row.set(RowField.STEPS, self.step)

@@ -29,7 +29,8 @@ from torch import nn
 from mpisgd import checkpoint as ckpt
 from mpisgd.comm import Communicator, get_communicator
 from mpisgd.comm.wait import WaitTimeout
-from mpisgd.errors import JobFailedError, SharedConfigError
+from mpisgd.comm.watchdog import world_ranks
+from mpisgd.errors import CollectiveTimeout, JobFailedError, SharedConfigError
 from mpisgd.modelparallel import state as global_state
 from mpisgd.modelparallel.grid import Coordinates, GridCommunicators, GridShape
 from mpisgd.modelparallel.partition import Balance, resolve_balance
@@ -37,7 +38,6 @@ from mpisgd.modelparallel.schedules import make_schedule
 from mpisgd.modelparallel.stage import LossFn, StageWorker
 from mpisgd.modelparallel.tensor_parallel import SplitGroup, split_linears
 from mpisgd.modelparallel.transport import (
-    DEFAULT_TIMEOUT_S,
     FailureChannel,
     PeerFailed,
     PipelineLink,
@@ -69,8 +69,10 @@ class ModelParallel:
         tensor_parallel: T, ranks over which each Linear of a stage is split by output features.
         comm: the job's communicator (mpi4py or mpisgd); COMM_WORLD when None. World = R x K x T.
         example_input: a batch to time the layers on, for ``balance="time"`` (used on rank 0 only).
-        timeout: seconds any wait of a step may take before :class:`~mpisgd.comm.wait.WaitTimeout` (a dead
-            or stopped peer; failures that raise are reported within milliseconds).
+        timeout: seconds any wait of a step may make no progress before
+            :class:`~mpisgd.errors.CollectiveTimeout` naming the rank waited for (a dead or stopped peer;
+            failures that raise are reported within milliseconds). None: the communicator's collective
+            timeout (``--collective-timeout``); 0: none. Waits warn after its stall warning as collectives do.
         name: how errors and logs name this rank (default: its rank and coordinates in ``comm``), e.g. its
             world rank where ``comm`` is one replica's.
 
@@ -82,7 +84,7 @@ class ModelParallel:
 
     def __init__(self, model: nn.Module, *, stages: int = 1, micro_batches: int = 1, schedule: str = "gpipe",
                  balance: Balance = "params", tensor_parallel: int = 1, comm: Any = None,
-                 example_input: Optional[torch.Tensor] = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 example_input: Optional[torch.Tensor] = None, timeout: Optional[float] = None,
                  name: Optional[str] = None) -> None:
         self._name = name
         communicator: Communicator = get_communicator(comm)
@@ -105,10 +107,13 @@ class ModelParallel:
         self.layers = range(int(bounds[self.stage]), int(bounds[self.stage + 1]))
         assert self._grid.world is not None and self._grid.pipeline is not None and self._grid.splits is not None
         self._failures = FailureChannel(self._grid.world)
-        self._waiter = Waiter(self._failures, timeout=timeout, spin=not communicator.oversubscribed)
+        self._waiter = Waiter(self._failures, timeout=timeout, spin=not communicator.oversubscribed,
+                              watchdog=communicator.watchdog)
+        self._communicator = communicator  # its watched small collectives serve the whole grid (same ranks)
         children = list(model.named_children())
         self.module = nn.Sequential(OrderedDict(children[i] for i in self.layers))
-        self._split_group = SplitGroup(self._grid.splits, self._waiter) if self.splits > 1 else None
+        self._split_group = SplitGroup(self._grid.splits, self._waiter, world_ranks(self._grid.splits)) \
+            if self.splits > 1 else None
         split_linears(self.module, self._split_group)
         self._link = PipelineLink(self._grid.pipeline, self._waiter, self.where)
         self._worker = StageWorker(self.module, self._link)
@@ -241,12 +246,14 @@ class ModelParallel:
         if self.rank != 0:
             request = world.isend(mine, dest=0, tag=Tag.STATE) if self.replica == 0 else None
             if request is not None:
-                self._waiter.requests([request], what="rank 0 taking this stage's state", watch_failures=False)
+                self._waiter.requests([request], what="rank 0 taking this stage's state", watch_failures=False,
+                                      peers=[self._failures.world_ranks[0]])
             return None
         parts: list[dict[str, Any]] = [mine] if mine is not None else []
         for rank in holders[1:]:
             message = self._waiter.until(lambda rank=rank: world.improbe(source=rank, tag=Tag.STATE),
-                                         what=f"rank {rank}'s state", watch_failures=False)
+                                         what=f"rank {rank}'s state", watch_failures=False,
+                                         peers=[self._failures.world_ranks[rank]])
             parts.append(message.recv())
         return {"model": global_state.merge_model_states(p["model"] for p in parts),
                 "optimizer": global_state.merge_optimizer_states(p["optimizer"] for p in parts)}
@@ -331,7 +338,7 @@ class ModelParallel:
                 verdict = resolve_balance(model, stages, balance, example_input)
             except SharedConfigError as exc:
                 verdict = str(exc)
-        verdict = comm.mpi.bcast(verdict, root=0)
+        verdict = comm.bcast_object(verdict, root=0, name="model-parallel balance (rank 0's cut)")
         if isinstance(verdict, str):
             raise SharedConfigError(verdict)
         return tuple(verdict)
@@ -352,6 +359,10 @@ class ModelParallel:
             self._link.finish()
         except PeerFailed:
             status = StepStatus.STOPPED
+        except CollectiveTimeout as exc:  # a peer is stopped or dead: it would never join the end of the step
+            self._failed = str(exc)
+            self._failures.announce(self._describe(exc))  # ranks waiting on something else stop at once
+            raise
         except Exception as exc:  # noqa: BLE001 - every error of a stage must reach every rank
             status, text = StepStatus.FAILED, self._describe(exc)
             self._failures.announce(text)
@@ -374,8 +385,9 @@ class ModelParallel:
         request = world.Iallgather(mine, everyone)
         try:
             self._waiter.until(lambda: (self._failures.poll(), request.Test())[1],
-                               what="the end of the step on every rank", watch_failures=False)
-        except WaitTimeout as exc:  # a rank died or stopped: only this rank knows; the CLI aborts the job
+                               what="the end of the step on every rank", watch_failures=False,
+                               collective="end of the model-parallel step")
+        except (WaitTimeout, CollectiveTimeout) as exc:  # a rank died or stopped: only this rank knows; the CLI aborts the job
             self._failed = str(exc)
             raise
         failed = [rank for rank in range(len(everyone)) if everyone[rank, 0] == StepStatus.FAILED]
@@ -393,7 +405,8 @@ class ModelParallel:
 
     def _raise_together(self, error: Optional[BaseException]) -> None:
         message = None if error is None else f"{self.where}: {type(error).__name__}: {error}"
-        reports = [m for m in self._world.allgather(message) if m is not None]
+        reports = [m for m in self._communicator.allgather_objects(message, name="model-parallel error reports")
+                   if m is not None]
         if reports:
             raise JobFailedError(reports[0]) from error
 

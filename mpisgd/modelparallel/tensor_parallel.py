@@ -31,9 +31,11 @@ from mpisgd.modelparallel.transport import Waiter
 class SplitGroup:
     """The T ranks holding the splits of one stage: all-gather and all-reduce with deadlines, byte counts."""
 
-    def __init__(self, comm: MPI.Comm, waiter: Waiter) -> None:
+    def __init__(self, comm: MPI.Comm, waiter: Waiter, world_ranks: Optional[list] = None) -> None:
         self.comm, self.waiter = comm, waiter
         self.split, self.splits = comm.Get_rank(), comm.Get_size()
+        named = world_ranks or list(range(self.splits))
+        self.others = [rank for split, rank in enumerate(named) if split != self.split]  # named when waits stall
         self.bytes_received = 0
 
     def allgather_last_dim(self, local: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -45,7 +47,8 @@ class SplitGroup:
         counts = [rows * w for w in widths]
         displacements = [int(d) for d in np.cumsum([0] + counts[:-1])]
         request = self.comm.Iallgatherv(local.reshape(-1).numpy(), [gathered.numpy(), (counts, displacements)])
-        self.waiter.requests([request], what=f"the all-gather of split {self.split}'s Linear outputs")
+        self.waiter.requests([request], what=f"the all-gather of split {self.split}'s Linear outputs",
+                             peers=self.others)
         self.bytes_received += (gathered.numel() - local.numel()) * local.element_size()
         pieces = torch.split(gathered, counts)
         return torch.cat([piece.reshape(*lead, w) for piece, w in zip(pieces, widths)], dim=-1)
@@ -54,7 +57,8 @@ class SplitGroup:
         """The sum over the splits of ``tensor`` (a new tensor)."""
         result = tensor.detach().contiguous().clone()
         request = self.comm.Iallreduce(MPI.IN_PLACE, result.reshape(-1).numpy(), op=MPI.SUM)
-        self.waiter.requests([request], what="the all-reduce of a split Linear's input gradient")
+        self.waiter.requests([request], what="the all-reduce of a split Linear's input gradient",
+                             peers=self.others)
         self.bytes_received += result.numel() * result.element_size()
         return result
 

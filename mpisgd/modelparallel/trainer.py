@@ -11,6 +11,7 @@ model's names, so a run can resume at another number of stages, or be evaluated 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from mpisgd import checkpoint as ckpt
+from mpisgd import faults
 from mpisgd.comm import Communicator
 from mpisgd.errors import ConfigError, SharedConfigError
 from mpisgd.metrics import MetricsWriter
@@ -134,13 +136,16 @@ def train_model_parallel(cfg: Any, comm: Communicator) -> dict:
                                                        "hidden": list(cfg.hidden), "num_classes": data.num_classes,
                                                        "input_shape": list(data.input_shape)})
 
-    stop = preemption.StopAgreement(comm.mpi)
+    stop = preemption.StopAgreement(comm.mpi, wait=functools.partial(comm.wait, name="stop flags (preemption)"))
+    fault = faults.model_parallel_fault(MPI.COMM_WORLD.Get_rank())  # test-only, read on every rank
     try:
         while train.epoch < cfg.epochs and not (max_steps is not None and step >= max_steps):
             for x, y in train:
                 if len(x) % settings.micro_batches:  # a short last batch every replica has: skipped by all
                     continue
                 stop.start()  # every rank of every replica learns at the same step whether any was signalled
+                if fault is not None:
+                    fault.strike(step)
                 if optimizer is not None:
                     optimizer.zero_grad()
                 loss = mp.train_replica_step(x, y, F.cross_entropy)
@@ -199,12 +204,13 @@ class _Interval:
 
 def evaluate(mp: ModelParallel, val: Any, comm: Communicator) -> float:
     """Validation accuracy: each replica scores its shard through the pipeline; one sum at the end."""
+    faults.evaluation_started(MPI.COMM_WORLD.Get_rank())  # test-only hook (MPISGD_TEST_EVALUATION_FAULT)
     counts = np.zeros(2)
     for x, y in val.iter_evaluation():
         output = mp.predict(x)
         if output is not None and mp.split == 0:
             counts += (int((output.argmax(dim=1) == y).sum()), len(y))
-    comm.mpi.Allreduce(MPI.IN_PLACE, counts)
+    counts = comm.allreduce_numbers(counts, "sum", name="evaluation (correct, seen)")
     return float(counts[0] / counts[1]) if counts[1] else float("nan")
 
 

@@ -23,11 +23,11 @@ import torch
 from mpi4py import MPI
 
 from mpisgd.comm.wait import Backoff, wait_until
+from mpisgd.comm.watchdog import world_ranks
 from mpisgd.errors import CommError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 120.0
 NOTICE_CHARS = 4000  # failure texts stay small: a notice must never need the rendezvous protocol
 
 
@@ -92,6 +92,7 @@ class FailureChannel:
 
     def __init__(self, world: MPI.Comm) -> None:
         self.world = world
+        self.world_ranks = world_ranks(world)  # how reports name the ranks of ``world``
         self.received: dict[int, str] = {}
         self._sends: list[MPI.Request] = []
 
@@ -120,24 +121,35 @@ class FailureChannel:
         for rank in ranks:
             if rank not in self.received:
                 waiter.until(lambda rank=rank: (self.poll(), rank in self.received)[1],
-                             what=f"rank {rank}'s failure notice")
+                             what=f"rank {rank}'s failure notice", peers=[self.world_ranks[rank]])
         waiter.requests(self._sends, what="failure notices to the other ranks", watch_failures=False)
         self._sends.clear()
 
 
 class Waiter:
-    """Every wait of a model-parallel step: a deadline, a polite backoff, and the failure channel watched."""
+    """Every wait of a model-parallel step: a deadline, a polite backoff, and the failure channel watched.
 
-    def __init__(self, failures: FailureChannel, *, timeout: float = DEFAULT_TIMEOUT_S, spin: bool = False) -> None:
-        self.failures, self.timeout, self.spin = failures, timeout, spin
+    With a ``watchdog`` (the job's communicator's, :class:`~mpisgd.comm.watchdog.Watchdog`) waits follow
+    the collective watchdog: after ``--stall-warning`` seconds the waiting rank logs what it waits for and
+    from which rank, after ``timeout`` (None: ``--collective-timeout``; 0: no deadline) it raises
+    :class:`~mpisgd.errors.CollectiveTimeout` naming that rank. Without one, ``timeout`` (None: none) ends a
+    wait with :class:`~mpisgd.comm.wait.WaitTimeout`.
+    """
+
+    def __init__(self, failures: FailureChannel, *, timeout: Optional[float] = None, spin: bool = False,
+                 watchdog: Any = None) -> None:
+        self.failures, self.timeout, self.spin, self.watchdog = failures, timeout, spin, watchdog
         self.waited_s = 0.0  # seconds spent waiting: the bubble a benchmark reports
 
     def _backoff(self) -> Backoff:
         return Backoff(spin=True) if self.spin else Backoff(first=2e-5, longest=1e-3)
 
-    def until(self, ready: Any, *, what: str, watch_failures: bool = True) -> Any:
+    def until(self, ready: Any, *, what: str, peers: Sequence[int] = (), watch_failures: bool = True,
+              collective: Optional[str] = None) -> Any:
         """Poll ``ready()`` until it returns a value (see :func:`wait_until`); :class:`PeerFailed` as soon as
-        another rank announces a failure (unless ``watch_failures`` is False)."""
+        another rank announces a failure (unless ``watch_failures`` is False). ``peers``: the world ranks
+        the wait depends on (named when it stalls); ``collective``: the wait is a collective of every rank
+        of the watchdog's communicator, entered under that name (its stalls name who has not arrived)."""
         def poll():
             result = ready()
             if result is not None and result is not False:
@@ -149,14 +161,25 @@ class Waiter:
             return None
         started = time.perf_counter()
         try:
-            return wait_until(poll, timeout=self.timeout, what=what, backoff=self._backoff())
+            if self.watchdog is None:
+                return wait_until(poll, timeout=self.timeout, what=what, backoff=self._backoff())
+            if collective is not None:
+                self.watchdog.enter(collective)
+                with self.watchdog.timeout_of(self.timeout):
+                    if self.watchdog.settings.enabled:
+                        return self.watchdog.wait_for(poll)
+                return wait_until(poll, what=what, backoff=self._backoff())
+            return self.watchdog.wait_for_peers(poll, what=what, peers=peers, timeout=self.timeout,
+                                                backoff=self._backoff())
         finally:
             self.waited_s += time.perf_counter() - started
 
-    def requests(self, requests: Sequence[MPI.Request], *, what: str, watch_failures: bool = True) -> None:
+    def requests(self, requests: Sequence[MPI.Request], *, what: str, peers: Sequence[int] = (),
+                 watch_failures: bool = True) -> None:
         """Wait for every request in ``requests`` to complete."""
         if requests:
-            self.until(lambda: MPI.Request.Testall(list(requests)), what=what, watch_failures=watch_failures)
+            self.until(lambda: MPI.Request.Testall(list(requests)), what=what, peers=peers,
+                       watch_failures=watch_failures)
 
 
 class PipelineLink:
@@ -171,6 +194,7 @@ class PipelineLink:
     def __init__(self, comm: MPI.Comm, waiter: Waiter, where: str) -> None:
         self.comm, self.waiter, self.where = comm, waiter, where
         self.stage, self.stages = comm.Get_rank(), comm.Get_size()
+        self.world_ranks = world_ranks(comm)  # of the stages, as reports name them
         self.inbound: Optional[TensorSpec] = None  # from stage s-1
         self.outbound: Optional[TensorSpec] = None  # to stage s+1
         self._specs: dict[Any, tuple[Optional[TensorSpec], Optional[TensorSpec]]] = {}
@@ -180,6 +204,14 @@ class PipelineLink:
         self._gradient_receives: dict[int, tuple[MPI.Request, torch.Tensor]] = {}
         self._sends: list[tuple[MPI.Request, Any]] = []
         self.bytes_sent = 0
+
+    def peer(self, stage: int) -> list[int]:
+        """Stage ``stage``'s world rank, as a list of the peers a wait depends on."""
+        return [self.world_ranks[stage]]
+
+    @property
+    def neighbours(self) -> list[int]:
+        return [self.world_ranks[s] for s in (self.stage - 1, self.stage + 1) if 0 <= s < self.stages]
 
     @property
     def first(self) -> bool:
@@ -202,7 +234,8 @@ class PipelineLink:
 
     def finish(self) -> None:
         """Wait for this step's sends (their buffers are then free) and remember the specs."""
-        self.waiter.requests([request for request, _ in self._sends], what=f"{self.where}'s sends to its neighbours")
+        self.waiter.requests([request for request, _ in self._sends], what=f"{self.where}'s sends to its neighbours",
+                             peers=self.neighbours)
         self._sends.clear()
         self._specs[self._key] = (self.inbound, self.outbound)
 
@@ -215,7 +248,8 @@ class PipelineLink:
         pending = [r for r, _ in self._activation_receives.values()] + [r for r, _ in self._gradient_receives.values()]
         for request in pending:
             request.Cancel()
-        self.waiter.requests(pending, what=f"{self.where}'s cancelled receives", watch_failures=False)
+        self.waiter.requests(pending, what=f"{self.where}'s cancelled receives", peers=self.neighbours,
+                             watch_failures=False)
         self._activation_receives.clear()
         self._gradient_receives.clear()
         pending_sends = [] if MPI.Request.Testall([r for r, _ in self._sends]) else list(self._sends)
@@ -243,13 +277,14 @@ class PipelineLink:
         """The previous stage's output for ``micro_batch`` (waits for it), on the CPU; ``inbound.requires_grad``
         says whether a gradient goes back."""
         if self.inbound is None:
-            self.inbound = self.waiter.until(self._take_spec, what=f"the activation spec from stage {self.stage - 1}")
+            self.inbound = self.waiter.until(self._take_spec, what=f"the activation spec from stage {self.stage - 1}",
+                                             peers=self.peer(self.stage - 1))
             self._post_activation_receives()
         assert self.inbound is not None
         # popped only once complete: MPI writes into the buffer until then
         request, buffer = self._activation_receives[micro_batch]
         self._wait_received(request, self.inbound, f"micro-batch {micro_batch}'s activations from stage "
-                                                   f"{self.stage - 1}")
+                                                   f"{self.stage - 1}", self.stage - 1)
         del self._activation_receives[micro_batch]
         return buffer
 
@@ -259,7 +294,7 @@ class PipelineLink:
         assert self.outbound is not None
         request, buffer = self._gradient_receives[micro_batch]
         self._wait_received(request, self.outbound, f"micro-batch {micro_batch}'s gradient from stage "
-                                                    f"{self.stage + 1}")
+                                                    f"{self.stage + 1}", self.stage + 1)
         del self._gradient_receives[micro_batch]
         return buffer
 
@@ -301,10 +336,10 @@ class PipelineLink:
         if not self.last and self.outbound is not None and self.outbound.requires_grad:
             self._gradient_receives = self._post(self.outbound, self.stage + 1, Tag.GRADIENT)
 
-    def _wait_received(self, request: MPI.Request, spec: TensorSpec, what: str) -> None:
+    def _wait_received(self, request: MPI.Request, spec: TensorSpec, what: str, source: int) -> None:
         status = MPI.Status()
         try:
-            self.waiter.until(lambda: request.Test(status), what=what)
+            self.waiter.until(lambda: request.Test(status), what=what, peers=self.peer(source))
         except MPI.Exception as exc:  # a longer message than agreed: MPI_ERR_TRUNCATE
             raise StageMismatchError(f"{self.where} received {what} larger than the agreed {spec}: {exc}") from None
         count = status.Get_count(MPI.BYTE)

@@ -33,6 +33,15 @@ Results are reproducible bitwise whatever the timing: shards add portion gradien
 order and the coordinator adds loss sums exactly (math.fsum), so stragglers, backup copies and lost
 workers change the wall time, not the numbers.
 
+Preemption (:mod:`mpisgd.training.preemption`): SIGTERM or SIGINT on any rank stops the run after the
+current L-BFGS iteration (a shard or worker forwards it to the coordinator, ``Tag.SIGNAL``); the
+coordinator gathers the iterate, the gradient and the history pairs from the shards and writes them
+with the scalars of :class:`mpisgd.sandblaster.state.LBFGSState` into a numbered checkpoint, and the
+job exits 75. ``--resume auto`` puts the vectors back on the shards and continues with the next
+iteration, bitwise as if never stopped. SIGUSR1 is not a stop signal here (see below): the Slurm script
+forwards its SIGUSR1 as SIGTERM. Test hook ``MPISGD_TEST_SIGNAL_AT=n:SIG:rank``: the coordinator signals
+itself after iteration n, a shard at its n-th pass, a worker after its n-th portion.
+
 Lost workers and the end of the job. A worker that does not return a portion within
 ``--worker-timeout`` seconds is counted as lost and its work re-issued; the run finishes without it.
 MPI_Finalize would then wait for that rank forever (measured with MPICH 5: a dead rank makes it hang,
@@ -84,6 +93,7 @@ from mpisgd.sandblaster.lbfgs import (
 from mpisgd.sandblaster.protocol import Ending, Portions, Tag, WorkerCommand, polite_backoff
 from mpisgd.sandblaster.scheduler import PortionScheduler
 from mpisgd.sandblaster.shard import VectorShard
+from mpisgd.sandblaster.state import LBFGSState
 from mpisgd.sandblaster.worker import PortionWorker
 from mpisgd.sandblaster.workspace import ShardedWorkspace
 from mpisgd.training import preemption
@@ -94,6 +104,7 @@ from mpisgd.training.loop import (
     checkpoint_metadata,
     evaluate,
     open_datasets,
+    resume_from_checkpoint,
     write_checkpoint,
     write_final_model,
 )
@@ -118,15 +129,13 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
         JobFailedError: the run failed (a non-finite objective); the coordinator told every rank.
     """
     error: Optional[ConfigError] = None
-    fault = None
+    fault = signal_fault = None
     try:
         roles = Roles.assign(comm.size, cfg.servers, with_coordinator=True)
-        if cfg.resume:
-            raise ConfigError("--strategy sandblaster cannot --resume (L-BFGS restarts from the last model: "
-                              "load it and train again)")
         if cfg.device != "cpu":
             raise ConfigError("--strategy sandblaster computes on the CPU only; drop --device cuda")
         fault = faults.sandblaster_fault(comm.rank)
+        signal_fault = faults.signal_at_step(comm.rank)
     except ConfigError as exc:
         error = exc
     comm.raise_together(error)
@@ -146,6 +155,10 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
 
     initial = torch.nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy()
     layout = ShardLayout(len(initial), cfg.servers)
+    resumed: Optional[tuple[LBFGSState, dict]] = None
+    if cfg.resume:
+        loaded = resume_from_checkpoint(cfg, comm, lambda saved: _restore(cfg, saved, layout.num_params))
+        resumed = None if loaded is None else loaded[1]
     portions = Portions(data.train.num_samples, cfg.portion_size)
     run_comm = comm.mpi.Dup()  # the run's own message space: no tag can meet another component's
     role = roles.role_of(comm.rank)
@@ -153,16 +166,20 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
         if role == SERVER:
             shard = roles.servers.index(comm.rank)
             piece = layout.shard_slice(shard)
+            vectors = {} if resumed is None else {name: values[piece] for name, values in resumed[1].items()}
             ending = VectorShard(run_comm, coordinator=roles.coordinator, initial=initial[piece],
                                  decay_mask=weight_decay_mask(model)[piece], weight_decay=cfg.weight_decay,
                                  num_samples=portions.num_samples, num_portions=portions.count,
-                                 worker_timeout=cfg.worker_timeout).serve()
+                                 worker_timeout=cfg.worker_timeout, resumed=vectors,
+                                 signal_fault=signal_fault).serve()
         elif role == WORKER:
             worker_model = copy.deepcopy(model).double()
             ending = PortionWorker(run_comm, coordinator=roles.coordinator, shards=roles.servers,
-                                   layout=layout, model=worker_model, data=data.train, fault=fault).serve()
+                                   layout=layout, model=worker_model, data=data.train, fault=fault,
+                                   signal_fault=signal_fault).serve()
         else:
-            ending = _coordinate(cfg, run_comm, roles, layout, portions, model, data)
+            ending = _coordinate(cfg, run_comm, roles, layout, portions, model, data,
+                                 None if resumed is None else resumed[0], signal_fault)
     if ending.lost:
         _end_job_at_exit(run_comm, roles.coordinator, role, ending.lost, exit_code=0 if ending.failure is None else 1)
     else:
@@ -178,15 +195,57 @@ def weight_decay_mask(model: torch.nn.Module) -> np.ndarray:
     return np.concatenate([np.full(p.numel(), 1.0 if p.dim() > 1 else 0.0) for p in model.parameters()])
 
 
+def _restore(cfg: TrainConfig, saved: dict, num_params: int) -> tuple[LBFGSState, dict]:
+    """What a checkpoint of a preempted run holds: the L-BFGS state and its vectors (float64, whole)."""
+    extra = saved["extra"] or {}
+    if extra.get("strategy") != "sandblaster":
+        raise ConfigError(f"it was written by strategy {extra.get('strategy')!r}, not sandblaster")
+    if "lbfgs" not in extra:
+        raise ConfigError("it holds no L-BFGS state")
+    state = LBFGSState.from_json(extra["lbfgs"], history=cfg.history)
+    stored = (saved["optimizer_state"] or {}).get("state", {})
+    vectors = {name: torch.as_tensor(stored[name]).numpy().astype(np.float64) for name in state.vector_names}
+    for name, values in vectors.items():
+        if values.shape != (num_params,):
+            raise ConfigError(f"L-BFGS vector {name!r} has shape {values.shape}, the model has {num_params} "
+                              "parameters")
+    return state, vectors
+
+
+class _Signals:
+    """The stop signals that reached the coordinator: its own, or one a shard or worker forwarded."""
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm, self.who = comm, ""
+
+    def received(self) -> bool:
+        if self.who:
+            return True
+        if preemption.received() is not None:
+            self.who = f"{preemption.signal_name(preemption.received())} received"
+        status = MPI.Status()
+        if not self.who and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=Tag.SIGNAL, status=status):
+            signum = self.comm.recv(source=status.Get_source(), tag=Tag.SIGNAL)
+            self.who = f"{preemption.signal_name(signum)} received by rank {status.Get_source()}"
+        return bool(self.who)
+
+
 def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLayout, portions: Portions,
-                model: torch.nn.Module, data: Datasets) -> Ending:
-    """The coordinator rank: drive L-BFGS, write metrics and the final model, then stop every rank."""
+                model: torch.nn.Module, data: Datasets, resumed: Optional[LBFGSState] = None,
+                signal_fault: Optional[faults.SignalAtStep] = None) -> Ending:
+    """The coordinator rank: drive L-BFGS (from ``resumed``, the state of a preempted run, if given), write
+    metrics and the final model (preempted: a checkpoint with the whole L-BFGS state), then stop every rank."""
     reply_timeout = 60.0 + 4 * cfg.worker_timeout
     scheduler = PortionScheduler(comm, workers=roles.workers, portions=portions,
                                  backup_tasks=cfg.backup_tasks, worker_timeout=cfg.worker_timeout)
     workspace = ShardedWorkspace(comm, shards=roles.servers, layout=layout, scheduler=scheduler,
                                  num_samples=portions.num_samples, reply_timeout=reply_timeout)
-    metrics = MetricsWriter(cfg.metrics) if cfg.metrics else None
+    metrics = MetricsWriter(cfg.metrics, append=resumed is not None) if cfg.metrics else None
+    if resumed is not None:
+        logger.info("resuming L-BFGS after iteration %d (objective %r, %d history pairs)", resumed.iteration,
+                    resumed.objective, len(resumed.pairs))
+    signals = _Signals(comm)
+    states: list[LBFGSState] = []
 
     def log_iteration(record: IterationRecord) -> None:
         counters = workspace.take_counters()
@@ -197,36 +256,48 @@ def _coordinate(cfg: TrainConfig, comm: MPI.Comm, roles: Roles, layout: ShardLay
                           line_search_evaluations=record.line_search_evaluations,
                           line_search=record.line_search_status or None, lost_workers=sorted(scheduler.lost),
                           **counters)
-        if preemption.received() is not None:  # between iterations: the iterate is consistent
+        if signal_fault is not None:
+            signal_fault.strike(record.iteration)
+        if signals.received():  # between iterations: the iterate is consistent
             raise _Preempted(record)
+
+    def keep_last(state: LBFGSState) -> None:  # what a checkpoint holds if a signal stops the run here
+        states[:] = [state]
 
     settings = LBFGSSettings(history=cfg.history, max_iterations=cfg.max_iterations,
                              gradient_tolerance=cfg.gradient_tolerance)
     summary: Optional[dict[str, Any]] = None
     failure: Optional[str] = None
     try:
-        result = minimize(workspace, settings, callback=log_iteration)
+        result = minimize(workspace, settings, callback=log_iteration, start=resumed,
+                          on_state=keep_last)
     except NonFiniteObjectiveError as exc:
         failure = f"sandblaster: {exc}"
     except _Preempted as stop:
         record = stop.record
-        message = f"{preemption.signal_name(preemption.received())} received after iteration {record.iteration}"
-        logger.warning("%s: writing the model and stopping every rank", message)
+        message = f"{signals.who} after iteration {record.iteration}"
+        logger.warning("%s: writing a checkpoint with the L-BFGS state and stopping every rank (resume with "
+                       "--resume auto)", message)
         result = LBFGSResult(record.iteration, record.objective, record.gradient_max_norm,
                              record.function_evaluations, preemption.PREEMPTED, message)
     if failure is None:
-        flat = workspace.gather_parameters()
+        preempted = result.stopped == preemption.PREEMPTED
+        vectors = workspace.gather_vectors(states[-1].vector_names if preempted else ["x"])
+        flat = vectors["x"]
         torch.nn.utils.vector_to_parameters(torch.from_numpy(flat).to(torch.float32), model.parameters())
         # the whole validation set, on this rank alone (the others need not be alive)
         accuracy = None if data.val is None else evaluate(model, data.val, MPI.COMM_SELF, "cpu")
         if metrics and accuracy is not None:
             metrics.write(step=result.iterations, val_accuracy=accuracy)
-        if cfg.checkpoint_dir:  # preempted: the model so far, numbered (final.h5 means the run completed)
-            write = write_checkpoint if result.stopped == preemption.PREEMPTED else write_final_model
-            steps = {"step": result.iterations} if result.stopped == preemption.PREEMPTED else {}
-            write(cfg, **steps, model_state=model.state_dict(), extra=checkpoint_metadata(
-                cfg, comm, result.iterations, data, iterations=result.iterations,
-                train_objective=result.objective, stopped=result.stopped))
+        if cfg.checkpoint_dir:  # preempted: numbered, with the L-BFGS state (final.h5: the run completed)
+            extra = checkpoint_metadata(cfg, comm, result.iterations, data, iterations=result.iterations,
+                                        train_objective=result.objective, stopped=result.stopped)
+            if preempted:
+                write_checkpoint(cfg, result.iterations, model_state=model.state_dict(), extra={
+                    **extra, "lbfgs": states[-1].to_json()}, optimizer_state={
+                    "rule": "lbfgs", "state": {name: torch.from_numpy(v) for name, v in vectors.items()}})
+            else:
+                write_final_model(cfg, model_state=model.state_dict(), extra=extra)
         summary = {"steps": result.iterations, "stopped": result.stopped, "message": result.message,
                    "val_accuracy": accuracy, "train_objective": result.objective,
                    "gradient_norm": result.gradient_max_norm,

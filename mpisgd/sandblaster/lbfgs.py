@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from mpisgd.errors import MpisgdError
+from mpisgd.sandblaster.state import LBFGSState
 
 #: command name -> what it does (``a``, ``b``, ``x``, ``y``, ``dst``, ``src`` name vectors)
 COMMANDS = {
@@ -365,6 +366,15 @@ class LBFGSResult:
     history: list = field(default_factory=list)
 
 
+def _converged(f_previous: float, f: float, g_max: float, settings: LBFGSSettings) -> tuple[str, str] | None:
+    """(stop reason, message) when an iteration from ``f_previous`` to ``f`` met a tolerance."""
+    if g_max <= settings.gradient_tolerance:
+        return "gradient_tolerance", f"max |gradient| {g_max:.3g} <= {settings.gradient_tolerance:g}"
+    if (f_previous - f) / max(abs(f_previous), abs(f), 1.0) <= settings.objective_tolerance:
+        return "objective_tolerance", f"relative decrease of the objective <= {settings.objective_tolerance:.3g}"
+    return None
+
+
 class _Gram:
     """Dot products among the named base vectors, kept as the history changes."""
 
@@ -383,8 +393,12 @@ class _Gram:
 
 
 def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
-             callback: Callable[[IterationRecord], None] | None = None) -> LBFGSResult:
+             callback: Callable[[IterationRecord], None] | None = None, start: LBFGSState | None = None,
+             on_state: Callable[[LBFGSState], None] | None = None) -> LBFGSResult:
     """Minimize the workspace's objective from vector ``x``; the minimizer is left in ``x``.
+
+    ``start``: continue after the iteration of a saved state (its vectors already in the workspace);
+    ``on_state``: called with the state after every iteration, before ``callback``.
 
     Vectors used on the workspace: x, g (gradient at x), d (direction), x_trial, g_trial, and the
     history pairs s0..s{m}, y0..y{m} (m + 1 slots, so a new pair never overwrites an old one before
@@ -397,26 +411,42 @@ def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
         NonFiniteObjectiveError: the objective is not finite at the start, or at every step tried.
     """
     m = settings.history
-    evaluations = 0
-    f, (g_max, gg) = workspace.evaluate("x", "g", then=[("max_abs", "g"), ("dot", "g", "g")])
-    evaluations += 1
-    if not (math.isfinite(f) and math.isfinite(g_max)):
-        raise NonFiniteObjectiveError(f"the objective is not finite at the starting point (f = {f}, "
-                                      f"max |gradient| = {g_max}): check the data, model and weight decay")
     gram = _Gram()
-    gram.set("g", "g", gg)
-    pairs: list = []  # history slots, oldest first
-    free_slots = list(range(m + 1))
-    record = IterationRecord(0, f, g_max, function_evaluations=evaluations)
-    log = [record]
-    if callback:
-        callback(record)
+    log: list = []
 
     def finish(iterations, stopped, message):
         return LBFGSResult(iterations, f, g_max, evaluations, stopped, message, log)
 
-    if g_max <= settings.gradient_tolerance:
-        return finish(0, "gradient_tolerance", "the starting point already meets the gradient tolerance")
+    def report(record: IterationRecord) -> None:
+        log.append(record)
+        if on_state:
+            on_state(LBFGSState(record.iteration, f, g_max, gg, evaluations, list(pairs), list(free_slots),
+                                dict(gram.values), f_previous))
+        if callback:
+            callback(record)
+
+    f_previous: float | None = None
+    if start is None:
+        f, (g_max, gg) = workspace.evaluate("x", "g", then=[("max_abs", "g"), ("dot", "g", "g")])
+        evaluations, first_iteration = 1, 1
+        if not (math.isfinite(f) and math.isfinite(g_max)):
+            raise NonFiniteObjectiveError(f"the objective is not finite at the starting point (f = {f}, "
+                                          f"max |gradient| = {g_max}): check the data, model and weight decay")
+        gram.set("g", "g", gg)
+        pairs: list = []  # history slots, oldest first
+        free_slots = list(range(m + 1))
+        report(IterationRecord(0, f, g_max, function_evaluations=evaluations))
+        if g_max <= settings.gradient_tolerance:
+            return finish(0, "gradient_tolerance", "the starting point already meets the gradient tolerance")
+    else:
+        f, g_max, gg, evaluations = start.objective, start.gradient_max_norm, start.gradient_dot, \
+            start.function_evaluations
+        pairs, free_slots, gram.values = list(start.pairs), list(start.free_slots), dict(start.gram)
+        first_iteration = start.iteration + 1
+        f_previous = start.previous_objective
+        converged = None if f_previous is None else _converged(f_previous, f, g_max, settings)
+        if converged:  # stopped right at the iteration that met a tolerance: the run was over
+            return finish(start.iteration, *converged)
     evaluated: dict = {}  # the last trial step and its max |gradient|
 
     def phi(alpha: float) -> tuple:
@@ -427,7 +457,7 @@ def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
         evaluated["last"] = (alpha, g_max_a)
         return f_a, slope_a
 
-    for iteration in range(1, settings.max_iterations + 1):
+    for iteration in range(first_iteration, settings.max_iterations + 1):
         # -- direction: coefficients over (s.., y.., g) from the Gram matrix, formed on the shards
         names = [f"s{j}" for j in pairs] + [f"y{j}" for j in pairs] + ["g"]
         coefficients = two_loop_coefficients(gram.matrix(names), len(pairs))
@@ -484,15 +514,9 @@ def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
             free_slots.insert(0, j)
         f_previous = f
         f, g_max, gg = search.f, g_max_new, gram.values[("g", "g")]
-        record = IterationRecord(iteration, f, g_max, search.alpha, math.sqrt(ss), search.evaluations,
-                                 evaluations, search.status)
-        log.append(record)
-        if callback:
-            callback(record)
-        if g_max <= settings.gradient_tolerance:
-            return finish(iteration, "gradient_tolerance",
-                          f"max |gradient| {g_max:.3g} <= {settings.gradient_tolerance:g}")
-        if (f_previous - f) / max(abs(f_previous), abs(f), 1.0) <= settings.objective_tolerance:
-            return finish(iteration, "objective_tolerance",
-                          f"relative decrease of the objective <= {settings.objective_tolerance:.3g}")
+        report(IterationRecord(iteration, f, g_max, search.alpha, math.sqrt(ss), search.evaluations,
+                               evaluations, search.status))
+        converged = _converged(f_previous, f, g_max, settings)
+        if converged:
+            return finish(iteration, *converged)
     return finish(settings.max_iterations, "max_iterations", f"reached {settings.max_iterations} iterations")

@@ -10,7 +10,7 @@ COMMAND        coordinator -> shard    pickled (:class:`ShardCommand`, ...): (RU
                                        (BEGIN, pass, point, before), (END, pass, gradient, then),
                                        (FINAL,), (STOP, :class:`Ending`)
 REPLY          shard -> coordinator    pickled (RUN, partials) or (END, pass, missing portions,
-                                       results); float64 slice of x after FINAL
+                                       results); float64 slices of the named vectors after FINAL
 ASSIGN         coordinator -> worker   pickled :class:`Assignment`; (:class:`WorkerCommand`.STOP,);
                                        then (WorkerCommand.EXIT, :class:`Ending`)
 PULL           worker -> shard         int64 [pass]: "send me the point of this pass"
@@ -19,6 +19,8 @@ GRADIENT       worker -> shard         float64 [pass, portion, gradient slice...
 RESULT         worker -> coordinator   float64 [pass, portion, loss sum, ok]
 EXIT           rank -> coordinator     None: a worker's answer to STOP; after a run that lost a
                                        worker, every survivor's "done, abort now" at exit
+SIGNAL         rank -> coordinator     int: the stop signal this rank received (once; the
+                                       coordinator stops the run after the current iteration)
 =============  ======================  =====================================================
 
 "Coordinator" always means the one dedicated rank (world rank S, after the S shards) that drives
@@ -46,6 +48,7 @@ from mpi4py import MPI
 
 from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.errors import CommError
+from mpisgd.training import preemption
 
 #: the sleeps between probes of every Sandblaster rank (see the module docstring for the cap)
 FIRST_SLEEP_S, LONGEST_SLEEP_S = 20e-6, 250e-6
@@ -65,6 +68,7 @@ class Tag(IntEnum):
     GRADIENT = 106
     RESULT = 107
     EXIT = 108
+    SIGNAL = 109
 
 
 class ShardCommand(str, Enum):
@@ -76,7 +80,7 @@ class ShardCommand(str, Enum):
     RUN = "run"  # run a program of vector commands, reply with its partial scalars
     BEGIN = "begin"  # a pass starts: run a program, then serve the pass's point to workers that pull it
     END = "end"  # the pass ends: once every portion is in, form the gradient and run a program
-    FINAL = "final"  # send this shard's slice of the parameters (for the final checkpoint)
+    FINAL = "final"  # send this shard's slices of the named vectors (x: the parameters), for a checkpoint
     STOP = "stop"  # the run is over; the command carries the Ending
 
 
@@ -105,6 +109,20 @@ class Ending(NamedTuple):
     summary: Optional[dict]  # the training summary; None when the run failed
     failure: Optional[str]  # why the run failed (every rank raises it), None when it did not
     lost: list  # world ranks of the workers the run finished without
+
+
+class SignalForwarder:
+    """A shard or worker tells the coordinator, once, that this process received a stop signal
+    (:mod:`mpisgd.training.preemption`): the coordinator then stops the whole run."""
+
+    def __init__(self, comm: MPI.Comm, coordinator: int) -> None:
+        self.comm, self.coordinator, self.sent = comm, coordinator, False
+
+    def __call__(self) -> None:
+        signum = preemption.received()
+        if signum is not None and not self.sent:
+            self.sent = True
+            self.comm.send(int(signum), dest=self.coordinator, tag=Tag.SIGNAL)
 
 
 def polite_backoff(sleep: Sleep = time.sleep) -> Backoff:

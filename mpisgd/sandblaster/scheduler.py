@@ -259,6 +259,8 @@ class PortionScheduler:
             elif tag == Tag.EXIT:
                 self.comm.recv(source=source, tag=Tag.EXIT)
                 pending.discard(source)
+            elif tag == Tag.SIGNAL:  # a stop signal that came as the run ended anyway
+                self.comm.recv(source=source, tag=Tag.SIGNAL)
             else:
                 raise CommError(f"sandblaster coordinator rank: unexpected message tag {tag} from rank {source}")
         return sorted(self.lost | pending)

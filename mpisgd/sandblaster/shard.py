@@ -24,8 +24,9 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisgd.errors import CommError
+from mpisgd.faults import SignalAtStep
 from mpisgd.sandblaster.lbfgs import run_program
-from mpisgd.sandblaster.protocol import Clock, Ending, ShardCommand, Tag, polite_backoff
+from mpisgd.sandblaster.protocol import Clock, Ending, ShardCommand, SignalForwarder, Tag, polite_backoff
 
 
 @dataclass
@@ -64,15 +65,23 @@ class VectorShard:
         worker_timeout: how long END waits for a portion the coordinator counted as done before
             reporting it missing (it is then re-issued), so the shard never waits forever.
         clock: the time source of that wait; injectable for tests.
+        resumed: this shard's slices of the vectors of a saved L-BFGS state (x, g, the history pairs),
+            when resuming a preempted run (:mod:`mpisgd.sandblaster.state`).
+        signal_fault: test-only (``MPISGD_TEST_SIGNAL_AT``): signal this rank at its n-th pass.
     """
 
     def __init__(self, comm: MPI.Comm, *, coordinator: int, initial: np.ndarray, decay_mask: np.ndarray,
                  weight_decay: float, num_samples: int, num_portions: int, worker_timeout: float,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, resumed: Optional[dict] = None,
+                 signal_fault: Optional[SignalAtStep] = None) -> None:
         self.comm = comm
         self.clock = clock
         self.coordinator = coordinator
         self.vectors = {"x": np.array(initial, dtype=np.float64)}
+        self.vectors.update({name: np.array(values, dtype=np.float64) for name, values in (resumed or {}).items()})
+        self.forward_signal = SignalForwarder(comm, coordinator)
+        self.signal_fault = signal_fault  # MPISGD_TEST_SIGNAL_AT: this rank signals itself at its n-th pass
+        self.passes = 0
         self.decay = weight_decay * np.asarray(decay_mask, dtype=np.float64)
         self.weight_decay = weight_decay
         self.num_samples = num_samples
@@ -93,6 +102,7 @@ class VectorShard:
             if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 self._try_end()
                 self._reap_sends()
+                self.forward_signal()
                 backoff.idle()
                 continue
             backoff.busy()
@@ -135,11 +145,16 @@ class VectorShard:
                                 f"{None if self.current is None else self.current.pass_id} is running")
             self.end_request = (gradient, then, self.clock() + self.worker_timeout)
         elif kind is ShardCommand.FINAL:
-            self.comm.Send(self.vectors["x"], dest=self.coordinator, tag=Tag.REPLY)
+            names = command[1] if len(command) > 1 else ("x",)
+            self.comm.Send(np.concatenate([self.vectors[name] for name in names]), dest=self.coordinator,
+                           tag=Tag.REPLY)
         else:  # STOP is handled by the serving loop
             raise CommError(f"sandblaster shard: command {kind.value!r} out of place")
 
     def _begin(self, pass_id: int, point: np.ndarray) -> None:
+        self.passes += 1
+        if self.signal_fault is not None:
+            self.signal_fault.strike(self.passes)
         point = point.copy()
         outgoing = np.concatenate([[float(pass_id), 1.0], point])
         k = self.num_portions

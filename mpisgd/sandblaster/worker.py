@@ -38,10 +38,11 @@ from mpi4py import MPI
 from mpisgd import log
 from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.data import ShardedHDF5
-from mpisgd.faults import SANDBLASTER_FAULT_VARIABLE, PortionFault
+from mpisgd.faults import SANDBLASTER_FAULT_VARIABLE, PortionFault, SignalAtStep
 from mpisgd.sandblaster.protocol import (
     Assignment,
     Ending,
+    SignalForwarder,
     Tag,
     WorkerCommand,
     polite_backoff,
@@ -73,7 +74,7 @@ class PortionWorker:
 
     def __init__(self, comm: MPI.Comm, *, coordinator: int, shards: Sequence[int], layout: ShardLayout,
                  model: torch.nn.Module, data: ShardedHDF5, cache_bytes: int = 1 << 30,
-                 fault: Optional[tuple[int, PortionFault]] = None) -> None:
+                 fault: Optional[tuple[int, PortionFault]] = None, signal_fault: Optional[SignalAtStep] = None) -> None:
         self.comm = comm
         self.coordinator = coordinator
         self.shards = tuple(shards)
@@ -87,13 +88,16 @@ class PortionWorker:
         self.cache_left = cache_bytes
         self.computed = 0
         self.fault = fault
+        self.signal_fault = signal_fault  # MPISGD_TEST_SIGNAL_AT: this rank signals itself after its n-th portion
         self.inbox: deque = deque()  # messages from the coordinator read early (while holding a portion)
+        self.forward_signal = SignalForwarder(comm, coordinator)
 
     def serve(self) -> Ending:
         """Work until the coordinator's stop; returns how the run ended."""
         torch.set_num_threads(1)
         sending: list = []  # the previous portion's gradient sends (and their buffers)
         while True:
+            self.forward_signal()
             message = self._next_message()
             if message[0] == WorkerCommand.STOP:
                 wait_all([request for request, _ in sending])
@@ -106,6 +110,8 @@ class PortionWorker:
                 continue
             loss, gradient = self._loss_and_gradient(assignment)
             self.computed += 1
+            if self.signal_fault is not None:
+                self.signal_fault.strike(self.computed)
             if self.fault is not None and self.computed >= self.fault[0]:
                 self._strike(self.fault[1], assignment)
             wait_all([request for request, _ in sending])

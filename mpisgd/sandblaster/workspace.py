@@ -98,16 +98,22 @@ class ShardedWorkspace:
 
     def gather_parameters(self) -> np.ndarray:
         """The whole parameter vector, once, for the final checkpoint."""
-        self._to_shards((ShardCommand.FINAL,))
-        flat = np.empty(self.layout.num_params)
+        return self.gather_vectors(["x"])["x"]
+
+    def gather_vectors(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named vectors, whole (for a checkpoint: the parameters, or the whole L-BFGS state)."""
+        self._to_shards((ShardCommand.FINAL, tuple(names)))
+        whole = {name: np.empty(self.layout.num_params) for name in names}
         for shard, rank in enumerate(self.shards):
             piece = self.layout.shard_slice(shard)
-            buffer = np.empty(piece.stop - piece.start)
+            size = piece.stop - piece.start
+            buffer = np.empty(size * len(names))
             if wait_for_message(self.comm, source=rank, tag=Tag.REPLY, timeout=self.reply_timeout) is None:
-                raise CommError(f"shard rank {rank} did not send its final parameters")
+                raise CommError(f"shard rank {rank} did not send its slices of {', '.join(names)}")
             self.comm.Recv(buffer, source=rank, tag=Tag.REPLY)
-            flat[piece] = buffer
-        return flat
+            for index, name in enumerate(names):
+                whole[name][piece] = buffer[index * size:(index + 1) * size]
+        return whole
 
     def take_counters(self) -> dict[str, Any]:
         """Per-iteration counters of passes, portions and copies (and reset them)."""

@@ -44,8 +44,8 @@ def broadcast_parameters(params: Any, root_rank: int = 0, *, comm: Any = None) -
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0, *, comm: Any = None) -> None:
     """Make every rank's optimizer state (momentum buffers, step counts, lrs) equal to root's."""
     communicator = get_communicator(comm)
-    state = communicator.mpi.bcast(optimizer.state_dict() if communicator.rank == root_rank else None,
-                                   root=root_rank)
+    state = communicator.bcast_object(optimizer.state_dict() if communicator.rank == root_rank else None,
+                                      root=root_rank, name="broadcast_optimizer_state")
     if communicator.rank != root_rank:
         optimizer.load_state_dict(state)
 

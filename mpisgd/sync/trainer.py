@@ -180,7 +180,7 @@ def _train_sync(cfg: TrainConfig, comm: Communicator) -> dict:
             if summary["stopped"] == preemption.PREEMPTED:
                 break
             if val is not None and (train.batch == 0 or summary["stopped"] == "max_steps"):
-                accuracy = evaluate(model, val, comm.mpi, device)
+                accuracy = evaluate(model, val, comm, device)
                 summary["val_accuracy"] = accuracy
                 if metrics:
                     metrics.write(step=step, epoch=epoch, val_accuracy=accuracy, lr=scheduler.get_last_lr()[0])

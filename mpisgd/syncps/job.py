@@ -7,12 +7,13 @@ workers. With ``--backup-workers 0`` it takes the steps ``--strategy sync`` take
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from mpisgd.comm import Communicator
-from mpisgd.downpour.board import BoardHeader, WorkerRows
+from mpisgd.downpour.board import STOP_PENDING, BoardHeader, Header, StopReason, WorkerRows
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.coordinator import Coordinator
 from mpisgd.downpour.job import System, train_downpour
@@ -26,6 +27,7 @@ from mpisgd.syncps.windows import SlotCounter, SlotWindows
 from mpisgd.syncps.worker import SyncWorker
 from mpisgd.training.config import TrainConfig
 
+logger = logging.getLogger(__name__)
 
 class SyncCoordinator(Coordinator):
     """Downpour's coordinator, counting steps as updates (not pushes) and logging what the slots saw."""
@@ -40,6 +42,18 @@ class SyncCoordinator(Coordinator):
 
     def step(self) -> int:
         return self.start_step + int(self.server.counters()[Counter.VERSION])
+
+    def _preempt(self) -> None:
+        """Stop after a step every worker computes: STOP_PENDING first, then the newest shard version
+        plus one. A worker that read the header before the first write pulled before it, so it computes
+        for that step at most; one that sees STOP_PENDING waits for the step (:mod:`mpisgd.syncps.worker`).
+        The phase stays TRAINING: the workers end as at the last step of --epochs."""
+        self.stop_reason = StopReason.PREEMPTED
+        self.board.set_header(self.header, Header.STOP_REASON, float(StopReason.PREEMPTED))
+        self.board.set_header(self.header, Header.STOP_AT, STOP_PENDING)
+        last = int(self.job.client.read_counters()[:, Counter.VERSION].max()) + 1
+        self.board.set_header(self.header, Header.STOP_AT, float(last))
+        logger.warning("sync-ps stops after step %d (the step every worker computes)", self.start_step + last)
 
     def slot_counts(self) -> dict:
         """Gradients applied and discarded, and the fewest and most in one update, over every shard."""
@@ -83,8 +97,6 @@ def train_syncps(cfg: TrainConfig, comm: Communicator) -> dict:
     problem = None
     if cfg.stages > 1 or cfg.tensor_parallel > 1:
         problem = "--strategy sync-ps trains whole replicas: --stages and --tensor-parallel must be 1"
-    elif cfg.resume:
-        problem = "--strategy sync-ps cannot --resume yet (its checkpoints hold the model for `mpisgd eval`)"
     elif workers > 0 and cfg.backup_workers >= workers:
         problem = (f"--backup-workers {cfg.backup_workers} leaves no gradient to apply: {workers} worker(s) "
                    "(ranks minus --servers); it must be below that")

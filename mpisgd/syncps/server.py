@@ -87,7 +87,9 @@ class SyncShardServer(ShardServer):
         if not self.pending():
             return False
         quorum = self._quorum()
-        chosen, discarded = self.arrivals[:quorum], self.arrivals[quorum:]
+        # the mean in worker order, not arrival order: with every gradient chosen (b = 0) the sum is then
+        # the same in every run, so a resumed job continues bitwise
+        chosen, discarded = sorted(self.arrivals[:quorum]), self.arrivals[quorum:]
         self.arrivals = []
         self.counts[SlotCounter.LATE] += len(discarded)
         self.slot_windows.slots.Sync()  # the slots the tags announced, as written

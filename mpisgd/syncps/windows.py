@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.downpour.client import ParameterClient
-from mpisgd.downpour.windows import ParameterServerWindows, _allocate
+from mpisgd.downpour.windows import ParameterServerWindows, _allocate, free_windows
 
 SINGLE_WRITER = {"which_accumulate_ops": "replace,no_op"}
 
@@ -108,8 +108,5 @@ class SlotWindows:
         """Collective: end the epochs and free the windows (before the Downpour windows are freed)."""
         if self._freed:
             return
-        for win in self._windows:
-            win.Unlock_all()
-        for win in self._windows:
-            win.Free()
+        free_windows(self._windows)
         self._freed = True

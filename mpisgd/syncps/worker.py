@@ -17,7 +17,7 @@ import torch
 
 from mpisgd import faults
 from mpisgd.comm.wait import Backoff, wait_until
-from mpisgd.downpour.board import BoardHeader, Phase, RowField, WorkerState
+from mpisgd.downpour.board import STOP_PENDING, BoardHeader, Phase, RowField, WorkerState
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.windows import Counter
 from mpisgd.downpour.worker import REPORT_WHILE_WAITING_S, Worker, _endless
@@ -40,7 +40,8 @@ class SyncWorker(Worker):
     def __init__(self, job: JobContext, *, fault: Optional[faults.WorkerFault] = None) -> None:
         super().__init__(job, fault=fault)
         self.slots = job.extension
-        self.total_steps = total_steps(job)
+        # the shards count their versions from 0 in every run: the steps of this run, after a resume
+        self.total_steps = total_steps(job) - int(job.resumed.get("step", 0))
         self.pushed = np.zeros(job.layout.num_shards, dtype=np.int64)  # step of the last push, per shard
         self.zeros = np.zeros_like(self.grads)
 
@@ -55,14 +56,22 @@ class SyncWorker(Worker):
                        backoff=Backoff(first=FIRST_WAIT_S, longest=min(LONGEST_WAIT_S, REPORT_WHILE_WAITING_S)))
         return self.header
 
+    def last_step(self) -> int:
+        """The step after which this run ends: the job's last, or the one server 0 chose when a stop
+        signal came (read after the pull, waiting while server 0 is choosing it; see
+        :meth:`mpisgd.syncps.job.SyncCoordinator._preempt`)."""
+        stop_at = self.board.read_header(self.header).stop_at
+        if stop_at == STOP_PENDING:
+            stop_at = self.report_until(lambda h: h.stop_at != STOP_PENDING).stop_at
+        return min(self.total_steps, int(stop_at)) if stop_at > 0 else self.total_steps
+
     def train(self, header: BoardHeader) -> WorkerState:
-        cfg = self.cfg
         for x, y in _endless(self.job.data.train):
             header = self.wait_for_the_step()
             if header.phase != Phase.TRAINING:
                 break
             versions = self.slots.pull_consistent(self.client, self.pulled)
-            if versions.min() >= self.total_steps:
+            if versions.min() >= self.last_step():
                 break
             if self.job.device != "cpu":
                 self.flat.copy_(torch.from_numpy(self.pulled))
@@ -74,21 +83,13 @@ class SyncWorker(Worker):
             if np.isfinite(self.grads).all():
                 self.row.add(RowField.LOSS_SUM, loss)
                 self.row.add(RowField.LOSS_COUNT)
+            elif self.nonfinite_stops("this worker"):
+                return WorkerState.FAILED
             else:
-                self.row.add(RowField.NONFINITE)
-                if cfg.on_nonfinite == "stop":
-                    logger.error("step %d: non-finite gradient; this worker stops and the job with it "
-                                 "(use --on-nonfinite skip to skip such steps)", self.step)
-                    self.row.set(RowField.FAILED_STEP, self.step)
-                    self.row.set(RowField.STEPS, self.step)
-                    return WorkerState.FAILED
                 gradient = self.zeros  # skipped: counts as a zero gradient in its step's mean
             self.pushed = versions + 1
             self.slots.push(self.index, gradient, self.pushed)
             self.row.add(RowField.PUSHES)
-            self.row.set(RowField.STEPS, self.step)
-            self.publish_clock()
-            header = self.report()
-            if self.fault and self.fault.strike(self.step):
+            if self.finish_step():
                 break
         return WorkerState.DONE

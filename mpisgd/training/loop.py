@@ -21,7 +21,8 @@ import torch
 from mpi4py import MPI
 
 from mpisgd import checkpoint as ckpt
-from mpisgd.comm import Communicator
+from mpisgd import faults
+from mpisgd.comm import Communicator, objects
 from mpisgd.data import ShardedHDF5, compatibility_problems, default_dataset
 from mpisgd.errors import CheckpointError, ConfigError
 from mpisgd.training.config import TrainConfig
@@ -54,7 +55,7 @@ def open_datasets(cfg: TrainConfig, comm: Communicator, *, rank: int, size: int)
             except (OSError, ConfigError) as exc:
                 error = exc
         comm.raise_together(error)
-        train_path, default_val = comm.mpi.bcast((train_path, val_path), root=0)
+        train_path, default_val = comm.bcast_object((train_path, val_path), root=0, name="the built-in data set's paths")
         val_path = val_path or default_val
     train = val = None
     error = None
@@ -74,12 +75,14 @@ def open_datasets(cfg: TrainConfig, comm: Communicator, *, rank: int, size: int)
     comm.raise_together(error)
     assert train is not None  # raise_together raised otherwise
     # the number of classes must agree even if label ranges differ between files
-    num_classes = comm.mpi.allreduce(train.num_classes, op=MPI.MAX)
+    num_classes = int(comm.allreduce_numbers(train.num_classes, "max", name="number of classes")[0])
     return Datasets(train, val, train.input_shape, num_classes)
 
 
-def evaluate(model: torch.nn.Module, val: ShardedHDF5, comm: MPI.Comm, device: str) -> float:
-    """Validation accuracy over the whole set: each rank scores its samples, one sum at the end."""
+def evaluate(model: torch.nn.Module, val: ShardedHDF5, comm: Union[Communicator, MPI.Comm], device: str) -> float:
+    """Validation accuracy over the whole set: each rank scores its samples, one sum at the end (watched by
+    the collective watchdog when ``comm`` is an mpisgd Communicator; ``MPI.COMM_SELF``: one rank's own)."""
+    faults.evaluation_started(MPI.COMM_WORLD.Get_rank())  # test-only hook (MPISGD_TEST_EVALUATION_FAULT)
     model.eval()
     counts = np.zeros(2)
     with torch.no_grad():
@@ -87,7 +90,7 @@ def evaluate(model: torch.nn.Module, val: ShardedHDF5, comm: MPI.Comm, device: s
             predictions = model(x.to(device)).argmax(dim=1).cpu()
             counts += (int((predictions == y).sum()), len(y))
     model.train()
-    comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+    counts = objects.allreduce_numbers(comm, counts, "sum", name="evaluation (correct, seen)")
     return float(counts[0] / counts[1]) if counts[1] else float("nan")
 
 
@@ -157,7 +160,7 @@ def resume_candidates(cfg: TrainConfig, comm: Communicator) -> list[Path]:
             found = [Path(cfg.resume)]
         else:
             found = ckpt.list_checkpoints(cfg.checkpoint_dir)[::-1]
-    return comm.mpi.bcast(found, root=0)
+    return comm.bcast_object(found, root=0, name="checkpoints to resume from")
 
 
 def resume_from_checkpoint(cfg: TrainConfig, comm: Communicator, restore: Callable[[dict], Restored],
@@ -202,13 +205,15 @@ def resume_from_checkpoint(cfg: TrainConfig, comm: Communicator, restore: Callab
             error = exc
         except (ConfigError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             error = ConfigError(f"--resume from {path}: {exc}")
-        integrity = comm.mpi.allreduce(isinstance(error, CheckpointError), op=MPI.LOR)
+        integrity = bool(comm.allreduce_numbers(isinstance(error, CheckpointError), "max",
+                                                name="checkpoint verification (any rank refused it)")[0])
         if not (integrity and cfg.resume == "auto"):
             comm.raise_together(error)
             if refused and comm.rank == 0:
                 logger.warning("--resume auto: resumed from %s, the previous valid checkpoint", path)
             return state, restored
-        reason = comm.mpi.bcast(str(error) if error is not None else None, root=0) or "refused on another rank"
+        reason = comm.bcast_object(str(error) if error is not None else None, root=0,
+                                   name="checkpoint verification (rank 0's reason)") or "refused on another rank"
         refused.append(reason)
         if comm.rank == 0:
             logger.warning("--resume auto: %s; falling back to the previous checkpoint", reason)

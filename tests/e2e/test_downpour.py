@@ -31,7 +31,6 @@ import torch
 from helpers import mpisgd_command, network_path_environment, run_mpi
 
 from mpisgd.checkpoint import load_checkpoint
-from mpisgd.data import make_classification_h5
 from mpisgd.faults import MARKER_VARIABLE, pid_of_rank
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
@@ -44,14 +43,6 @@ ACCURACY = 0.85  # what every strategy reaches on this data set; the stated bar 
 VALID_MODEL = 0.75  # fault tests: a trained model (chance is 1/3) after a run cut short by the fault
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """512 training and 512 validation samples of an easy 3-class problem (what `mpisgd make-data` writes)."""
-    folder = tmp_path_factory.mktemp("data")
-    for name, sample_seed in (("train", 1), ("val", 2)):
-        make_classification_h5(folder / f"{name}.h5", n_samples=512, n_features=6, n_classes=3, seed=5,
-                               sample_seed=sample_seed)
-    return folder / "train.h5", folder / "val.h5"
 
 
 def train(nprocs, data, *flags, env=None, timeout=TIMEOUT, strategy="downpour"):

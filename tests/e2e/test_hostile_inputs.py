@@ -107,3 +107,9 @@ def test_launcher_says_four_tasks_but_mpi_one_rank_exits_2(files):
     assert allowed.returncode == 0 and "finished after 1 steps" in allowed.stdout, allowed.stdout + allowed.stderr
     warned = singleton(files, {"SLURM_NTASKS": "4"})  # a batch script without srun: warned, not refused
     assert warned.returncode == 0 and "SLURM_NTASKS=4" in warned.stderr, warned.stdout + warned.stderr
+
+
+def test_an_explicit_shm_algorithm_without_room_in_dev_shm_exits_2_on_every_rank(files):
+    # a window far larger than any /dev/shm: the ranks agree on the free space before allocating anything
+    result = train(2, files["good"], files["good"], "--algorithm", "shm", env={"MPISGD_SHM_AREA_BYTES": str(1 << 40)})
+    assert_refused_on_every_rank(result, "/dev/shm", "MiB are free there", ranks=2)

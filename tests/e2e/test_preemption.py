@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch
-from helpers import ROOT, launcher_environment, launcher_flags, mpiexec, mpisgd_command, run_mpi
+from helpers import ROOT, launcher_environment, launcher_flags, mpi_library, mpiexec, mpisgd_command, run_mpi
 
 from mpisgd.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from mpisgd.faults import MARKER_VARIABLE, pid_of_rank
@@ -143,9 +143,12 @@ def test_resume_auto_with_only_damaged_checkpoints_is_an_error(tmp_path, data):
 
 
 @pytest.mark.timeout(3 * TIMEOUT)
-def test_sigterm_to_mpiexec_stops_a_downpour_job_with_a_checkpoint_of_the_servers(tmp_path, data):
-    """mpiexec forwards SIGTERM to the ranks; server 0 stops the workers, the servers drain and write
-    their state (no final.h5), exit 75; ``--resume auto`` continues from the shards' saved state."""
+def test_preempting_mpiexec_stops_a_downpour_job_with_a_checkpoint_of_the_servers(tmp_path, data):
+    """mpiexec forwards the signal to the ranks; server 0 stops the workers, the servers drain and write
+    their state (no final.h5), exit 75; ``--resume auto`` continues from the shards' saved state.
+    MPICH's hydra forwards SIGTERM; Open MPI's mpirun aborts the job on SIGTERM and forwards SIGUSR1,
+    the signal its users preempt with (docs/cluster.rst)."""
+    preemption = signal.SIGUSR1 if mpi_library() == "openmpi" else signal.SIGTERM
     flags = ["--strategy", "downpour", "--data", str(data), "--batch-size", "8", "--hidden", "16", "--no-progress",
              "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "20", "--worker-timeout", "300",
              "--resume", "auto"]
@@ -158,7 +161,7 @@ def test_sigterm_to_mpiexec_stops_a_downpour_job_with_a_checkpoint_of_the_server
         while not list_checkpoints(tmp_path):
             assert job.poll() is None and time.monotonic() < deadline, "the job wrote no checkpoint"
             time.sleep(0.05)
-        job.send_signal(signal.SIGTERM)
+        job.send_signal(preemption)
         out, _ = job.communicate(timeout=TIMEOUT)
     finally:
         if job.poll() is None:

@@ -12,7 +12,6 @@ longer holds anyone.
 import pytest
 from helpers import mpisgd_command, run_mpi
 
-from mpisgd.data import make_classification_h5
 from mpisgd.metrics import read_metrics
 
 TIMEOUT = 180
@@ -21,13 +20,6 @@ WORKER_TIMEOUT = 20  # far beyond any pause of a live worker (as in test_downpou
 PAUSE = {"MPISGD_TEST_WORKER_FAULT": "2:4:sleep:1.5"}  # rank 2 (a worker) pauses 1.5 s at its 4th step
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    for name, sample_seed in (("train", 1), ("val", 2)):
-        make_classification_h5(folder / f"{name}.h5", n_samples=512, n_features=6, n_classes=3, seed=5,
-                               sample_seed=sample_seed)
-    return folder / "train.h5", folder / "val.h5"
 
 
 def train(nprocs, data, metrics, *flags, env=None, strategy="downpour", timeout=TIMEOUT):

@@ -9,7 +9,6 @@ import torch
 from helpers import mpisgd_command, run_mpi
 
 from mpisgd.checkpoint import load_checkpoint
-from mpisgd.data import make_classification_h5
 from mpisgd.metrics import read_metrics
 from mpisgd.models import build_model
 
@@ -18,13 +17,6 @@ FAULT_TIMEOUT = 300
 WORKER_TIMEOUT = 20  # far beyond any pause of a live worker (as in test_downpour.py)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    for name, sample_seed in (("train", 1), ("val", 2)):
-        make_classification_h5(folder / f"{name}.h5", n_samples=512, n_features=6, n_classes=3, seed=5,
-                               sample_seed=sample_seed)
-    return folder / "train.h5", folder / "val.h5"
 
 
 def train(nprocs, data, strategy, *flags, env=None, timeout=TIMEOUT):

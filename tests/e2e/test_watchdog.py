@@ -24,7 +24,13 @@ import uuid
 import pytest
 from helpers import ROOT, launcher_environment, launcher_flags, mpiexec, mpisgd_command, run_mpi
 
-from mpisgd.faults import MARKER_VARIABLE, SYNC_FAULT_VARIABLE, pid_of_rank
+from mpisgd.faults import (
+    EVALUATION_FAULT_VARIABLE,
+    MARKER_VARIABLE,
+    MODEL_PARALLEL_FAULT_VARIABLE,
+    SYNC_FAULT_VARIABLE,
+    pid_of_rank,
+)
 
 COLLECTIVE_TIMEOUT_S = 5
 START_TIMEOUT_S = 180  # until the fault strikes: start-up of three ranks (torch imports) on a loaded machine
@@ -163,3 +169,40 @@ def test_one_rank_raising_ends_the_job_with_its_message(data):
     assert run.returncode == 1, run.stdout
     assert "RuntimeError: test fault at step 3" in run.stdout
     assert "[rank 1]" in run.stdout and "no progress for" not in run.stdout
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_rank_frozen_at_evaluation_is_named_by_every_live_rank(data):
+    # rank 1 stops as its second evaluation starts (after epoch 1): the others wait in the evaluation's sum
+    code, out = run_until_frozen(
+        3, [mpisgd_command(), "train", "--strategy", "sync", "--data", str(data), "--val", str(data),
+            "--epochs", "50", "--batch-size", "40", "--no-progress", "--collective-timeout",
+            str(COLLECTIVE_TIMEOUT_S), "--stall-warning", "1"],
+        frozen_rank=1, freeze_line="freezing (SIGSTOP) at step 1", env={EVALUATION_FAULT_VARIABLE: "1:1:freeze"})
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for live in (0, 2):
+        errors = error_lines(out, live)
+        assert errors, f"rank {live} did not report:\n{out}"
+        assert "rank 1 has not arrived" in errors[0] and "'evaluation (correct, seen)'" in errors[0], errors[0]
+        assert f"[rank {live}] warning: stall:" in out
+    assert not error_lines(out, 1)
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_stage_frozen_in_model_parallel_training_is_named_by_the_other_stages(data):
+    # three stages, one replica: rank 1 (stage 1) stops before step 4's pipeline; stage 0 waits for its
+    # gradients, stage 2 for its activations: point-to-point waits, which name the peer they wait for
+    code, out = run_until_frozen(
+        3, [mpisgd_command(), "train", "--strategy", "sync", "--data", str(data), "--epochs", "50",
+            "--batch-size", "12", "--hidden", "16,16", "--stages", "3", "--micro-batches", "3", "--no-progress",
+            "--collective-timeout", str(COLLECTIVE_TIMEOUT_S), "--stall-warning", "1"],
+        frozen_rank=1, freeze_line="freezing (SIGSTOP) at step 4", env={MODEL_PARALLEL_FAULT_VARIABLE: "1:4:freeze"})
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for live, waits_for in ((0, "gradient from stage 1"), (2, "activations from stage 1")):
+        errors = error_lines(out, live)
+        assert errors, f"rank {live} did not report:\n{out}"
+        assert "no progress for" in errors[0] and "waiting for rank 1" in errors[0], errors[0]
+        assert waits_for in errors[0], errors[0]
+        stalls = [line for line in out.splitlines() if f"[rank {live}] warning: stall:" in line]
+        assert stalls and all("waiting for rank 1" in line for line in stalls), stalls
+    assert not error_lines(out, 1)

@@ -15,6 +15,7 @@ import mpisgd
 from mpisgd import CommError, ConfigError
 from mpisgd.comm import policy
 from mpisgd.comm.algorithms import ALGORITHMS as ALGORITHM_REGISTRY
+from mpisgd.errors import SharedConfigError
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
@@ -225,7 +226,7 @@ def test_too_little_shared_memory_is_an_error_for_shm_and_auto_goes_around_it(mo
     comm = mpisgd.Communicator(config=mpisgd.AllreduceConfig(hierarchical=True))
     x = rank_data(300_000, "float32", salt=4)
     if EQUAL_NODES:
-        with pytest.raises(CommError, match="/dev/shm"):
+        with pytest.raises(SharedConfigError, match="/dev/shm"):  # exit 2 under `mpisgd`, on every rank
             comm.allreduce(x, algorithm="shm" if ONE_NODE else "hier")
     for _ in range(2):  # auto: the same shortage seen on every rank, so all go around it together
         np.testing.assert_allclose(comm.allreduce(x), reference(x, "sum"), rtol=1e-5 * P, atol=1e-5 * P)

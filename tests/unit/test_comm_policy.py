@@ -123,6 +123,7 @@ def test_rules_apply_to_their_libraries_only():
     assert choose(Situation(3, library=open_mpi), Request(16 << 20)) == "native"
     assert choose(Situation(3, library=open_mpi), Request(64 << 20)) == "ring"
     assert choose(Situation(3, library=open_mpi, overrides={"shm_below_bytes": 8 << 20}), Request(1 << 20)) == "shm"
+    assert choose(Situation(2, library=open_mpi, overrides={"shm_below_bytes": 1 << 30}), Request(1 << 20)) == "shm"
     for s in situations():
         if s.nodes is Nodes.ONE and (s.size <= 2 or not s.power_of_two):
             continue

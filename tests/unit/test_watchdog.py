@@ -194,3 +194,38 @@ def test_timeout_zero_waits_in_mpi():
     dog = Watchdog(0, 2, WatchdogSettings(0.0, 0.0))
     dog.wait([Request()])
     assert Request.waited
+
+
+# ---- point-to-point waits (model-parallel stage-to-stage messages) ---------------------------------------
+
+def test_a_peer_wait_warns_then_times_out_naming_the_peer(caplog):
+    # rank 1 (the peer) never sends; rank 2 gives up at about the same time as we do
+    def others(now):
+        return {1: Slot(3, NO_STEP, 0, 0), 2: Slot(3, NO_STEP, int(now * 100), 3 if now >= 2.0 else 0)}
+    dog, clock, board = _watchdog(others, timeout=2.0, stall_warning=0.5)
+    for _ in range(3):
+        dog.enter("end of the model-parallel step")
+    with caplog.at_level(logging.WARNING, logger="mpisgd.comm.watchdog"):
+        with pytest.raises(CollectiveTimeout) as raised:
+            dog.wait_for_peers(lambda: False, what="micro-batch 0's gradient from stage 1", peers=[1])
+    message = str(raised.value)
+    assert message.startswith("micro-batch 0's gradient from stage 1: no progress for 2.0 s")
+    assert "on rank 0: waiting for rank 1" in message
+    assert board.mine[3] == 3  # given up on the board, for the other live ranks
+    warnings = [r.getMessage() for r in caplog.records if "stall" in r.getMessage()]
+    assert len(warnings) == 3 and all("waiting for rank 1" in w for w in warnings)  # at 0.5, 1.0, 1.5 s
+
+
+def test_a_slow_peer_is_warned_about_but_its_message_is_taken(caplog):
+    dog, clock, board = _watchdog(lambda now: {}, timeout=2.0, stall_warning=0.5)
+    arrives_at = 1.9  # late, but before the timeout: a slow peer is not a dead one
+    with caplog.at_level(logging.WARNING, logger="mpisgd.comm.watchdog"):
+        got = dog.wait_for_peers(lambda: "tensor" if clock.now >= arrives_at else None, what="x", peers=[1])
+    assert got == "tensor"
+    assert len([r for r in caplog.records if "stall" in r.getMessage()]) == 3
+
+
+def test_a_peer_wait_with_timeout_zero_never_gives_up():
+    dog, clock, board = _watchdog(lambda now: {}, timeout=5.0, stall_warning=0.5)
+    got = dog.wait_for_peers(lambda: clock.now >= 50.0, what="x", peers=[1], timeout=0)  # ten times the timeout
+    assert got is True and board.mine[3] == 0

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from mpi4py import MPI
 
+from mpisgd import environment
 from mpisgd.errors import CommError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class Settings:
     (HOROVOD_STALL_CHECK_TIME_SECONDS, 60; HOROVOD_STALL_CHECK_DISABLE=1 turns it off);
     ``stall_shutdown_s``: fail them with HorovodInternalError after this long
     (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, 0 = never); ``cache_capacity``: names remembered for the
-    compact steady-state negotiation (HOROVOD_CACHE_CAPACITY, 1024).
+    compact steady-state negotiation (HOROVOD_CACHE_CAPACITY, 1024); ``speculation``: send a repeated
+    small allreduce in one message without a negotiation (MPISGD_HOROVOD_SPECULATION: auto = unless a node
+    has more ranks than cores, on, off).
     """
 
     fusion_threshold_bytes: int = 128 << 20
@@ -80,6 +83,7 @@ class Settings:
     stall_check_s: float = 60.0
     stall_shutdown_s: float = 0.0
     cache_capacity: int = 1024
+    speculation: str = "auto"
 
     @classmethod
     def from_environment(cls) -> Settings:
@@ -90,7 +94,8 @@ class Settings:
                    cycle_time_s=_env_number("HOROVOD_CYCLE_TIME", 1.0) / 1000.0,
                    stall_check_s=stall_check,
                    stall_shutdown_s=_env_number("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0.0),
-                   cache_capacity=int(_env_number("HOROVOD_CACHE_CAPACITY", 1024)))
+                   cache_capacity=int(_env_number("HOROVOD_CACHE_CAPACITY", 1024)),
+                   speculation=str(environment.read("MPISGD_HOROVOD_SPECULATION", "auto")))
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,9 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
         from mpisgd.horovod.torch import process_sets as process_sets_module
 
         _runtime = Runtime(comm, process_sets)
+        # registered now, after mpisgd's own exit handlers (atexit runs the last registered first): the
+        # coordinator thread stops before the watchdog frees the windows it waits on, and before MPI_Finalize
+        atexit.register(shutdown)
         # The coordinator makes many short-lived objects per cycle; each full collection they trigger
         # rescanned every object alive (torch's ~170k: ~40 ms), which cost 2.5 ms per cycle of 100 tensors.
         # What exists at init (modules, the model) moves to the permanent generation and is not rescanned.
@@ -183,7 +191,6 @@ def shutdown() -> None:
         current.process_sets.free()
 
 
-atexit.register(shutdown)  # before mpi4py's MPI_Finalize (atexit runs last-registered first)
 
 
 def is_initialized() -> bool:

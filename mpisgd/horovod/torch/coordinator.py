@@ -7,7 +7,11 @@ decide, and runs the agreed responses in the agreed order, fused. The background
 while nobody waits (asynchronous progress during backward), pausing HOROVOD_CYCLE_TIME between idle
 ones; a thread that waits in ``synchronize`` runs the cycles itself (no hand-off between threads on
 the latency path). Cycles are serialized by one lock, so MPI sees one caller at a time. Waits are
-nonblocking tests with a polite backoff (:mod:`mpisgd.comm.wait`), so ``shutdown`` always gets through.
+nonblocking tests with a polite backoff under the deadline of the global process set's collective
+watchdog (:mod:`mpisgd.comm.watchdog`): ``shutdown`` always gets through, and a rank that stops
+answering (frozen, dead) fails every operation on every live rank with a HorovodInternalError naming
+it, after ``MPISGD_COLLECTIVE_TIMEOUT``. A cycle that repeats the last one's small allreduce sends it
+with its own negotiation, in one message (:mod:`~mpisgd.horovod.torch.speculation`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisgd.comm import Communicator
+from mpisgd.comm.objects import allreduce_numbers
 from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.horovod.torch.basics import HorovodInternalError, Settings
 from mpisgd.horovod.torch.executor import Executor, Operation
 from mpisgd.horovod.torch.negotiation import Message, Negotiator, fusion_plan
 from mpisgd.horovod.torch.process_sets import ProcessSetTable
+from mpisgd.horovod.torch.speculation import Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ HEADER = 8
 IDLE_DOUBLINGS = 4  # idle oversubscribed ranks pause up to 16 cycle times
 GATHER_CYCLES = 8  # the longest a background cycle waits for a stream of submissions to pause
 SPIN_S = 2e-4  # poll without pausing this long first: a small collective completes within it
+COOLDOWN_CYCLES = 2  # negotiated cycles without speculation after a failed one (they agree on the failure)
 SHUT_DOWN = "Horovod has been shut down. This was caused by an exception on one of the ranks or an attempt to " \
             "run a collective after hvd.shutdown()."
 
@@ -51,12 +58,23 @@ class Coordinator:
         self.negotiator = Negotiator(self.size, cache_capacity=settings.cache_capacity,
                                      stall_check_s=settings.stall_check_s, stall_shutdown_s=settings.stall_shutdown_s)
         self.executor = Executor(self.rank, process_sets, settings.fusion_threshold_bytes)
+        # the global set's watchdog: every wait of the negotiation has its deadline (and names who is missing)
+        everyone = process_sets.get(0).communicator
+        assert everyone is not None  # every process is a member of the global set
+        self.watchdog = everyone.watchdog
+        self.speculation = Speculation(self.size)
+        # speculation pays where every rank has a core: oversubscribed (4 ranks on 2 cores), a cycle's
+        # speculative message cost 7 ms against 1.3 ms negotiated. The choice must be the same on every rank.
+        wanted = settings.speculation == "on" or (settings.speculation == "auto" and not communicator.oversubscribed)
+        self._speculating = bool(allreduce_numbers(everyone, int(wanted), "min", name="horovod speculation")[0])
+        self._cooldown = 0
         self._lock = threading.Lock()  # queue, in_flight, flags
         self._wake = threading.Condition(self._lock)
         self._cycle_lock = threading.Lock()  # one cycle at a time, whichever thread runs it
         self._queue: list = []
         self._in_flight: dict = {}
         self._drivers = 0
+        self._last_driven = 0.0
         self._idle_cycles = 0
         self._woken = False
         self._first_queued = self._last_submit = 0.0
@@ -115,6 +133,7 @@ class Coordinator:
         finally:
             with self._lock:
                 self._drivers -= 1
+                self._last_driven = time.monotonic()
 
     def wait(self, operations: list) -> None:
         """Run cycles on this thread until every operation completed (or Horovod stopped)."""
@@ -122,7 +141,10 @@ class Coordinator:
             while not all(op.done for op in operations) and not self.stopped:
                 with self._cycle_lock:
                     if not all(op.done for op in operations) and not self.stopped:
-                        self._cycle(urgent=True)
+                        try:
+                            self._cycle(urgent=True)
+                        except BaseException as exc:
+                            self._broken(exc)
         # stopped: the thread that saw the shutdown fails what is left, at once
         wait_until(lambda: all(op.done for op in operations), what="the shutdown of the coordinator")
 
@@ -149,15 +171,23 @@ class Coordinator:
                     if self._woken:  # a submission ended a long idle pause: gather for one cycle time
                         self._woken, self._idle_cycles = False, 0
                         continue
-                    if self._drivers or self._gathering():
+                    # a thread that drives calls after calls (a loop of synchronous collectives) keeps the
+                    # cycles to itself: a background cycle slipped in between would miss its speculation
+                    recently_driven = time.monotonic() - self._last_driven < self.settings.cycle_time_s
+                    if self._drivers or self._gathering() or (recently_driven and not self._stop_requested):
                         continue
                 with self._cycle_lock:
                     if not self.stopped:
                         self._cycle()
-        except BaseException as exc:  # a bug here must not leave waiters hanging: fail them, stop
-            logger.exception("mpisgd.horovod coordinator failed")
-            self._fail_all(HorovodInternalError(f"coordinator failed: {type(exc).__name__}: {exc}"))
-            self.stopped = True
+        except BaseException as exc:
+            self._broken(exc)
+
+    def _broken(self, exc: BaseException) -> None:
+        """A cycle failed (a peer stopped answering: CollectiveTimeout; or a bug): no waiter may hang, so
+        every operation fails with the reason and the coordinator stops."""
+        logger.error("mpisgd.horovod coordinator failed: %s: %s", type(exc).__name__, exc)
+        self._fail_all(HorovodInternalError(f"coordinator failed: {type(exc).__name__}: {exc}"))
+        self.stopped = True
 
     def _gathering(self) -> bool:
         """Operations are still arriving (a backward pass submitting gradients): hold the cycle, up to
@@ -176,9 +206,14 @@ class Coordinator:
             urgent = urgent or bool(submitted) or bool(self._in_flight)
             shutdown = self._stop_requested
             joining = self._join is not None
+            alone = len(self._in_flight) == len(submitted)  # nothing else of this rank's in flight
+        if self._speculate(submitted, alone and not shutdown and not joining, urgent):
+            return
         entries = tuple(self.negotiator.encode(op.name, op.signature, op.extra) for op in submitted)
         message = Message(shutdown, joining, time.monotonic(), entries)
         outcome = self.negotiator.step(self._exchange(message, urgent))
+        self.speculation.learn(outcome.responses, outcome.traffic)
+        self._cooldown = max(0, self._cooldown - 1)
         # oversubscribed ranks (more than cores) pause longer and longer while every rank is idle: idle
         # cycles of four ranks on two cores took the CPU their training needed
         self._idle_cycles = 0 if outcome.traffic or not self._polite else self._idle_cycles + 1
@@ -203,6 +238,23 @@ class Coordinator:
             self.stopped = True
             self._fail_all(HorovodInternalError(SHUT_DOWN))
 
+    def _speculate(self, submitted: list, may_carry: bool, urgent: bool) -> bool:
+        """The cycle's speculative message, where every rank sends one (the same facts everywhere: a
+        layout, nothing pending or joined in the negotiation, no recent failure); True when it did
+        the cycle's work."""
+        if (not self._speculating or self.speculation.layout is None or self.negotiator.pending
+                or self.negotiator.joined or self._cooldown):
+            return False
+        carried = submitted if may_carry and self.speculation.fits(submitted) else None
+        if not self.speculation.exchange(self.comm, carried, lambda r: self._complete(r, urgent, "speculative")):
+            self._cooldown = COOLDOWN_CYCLES
+            return False
+        self._idle_cycles = 0
+        with self._lock:
+            for op in submitted:
+                self._in_flight.pop(op.key, None)
+        return True
+
     def _fail_all(self, error: HorovodInternalError) -> None:
         with self._lock:
             left = list(self._in_flight.values()) + ([self._join] if self._join is not None else [])
@@ -221,7 +273,7 @@ class Coordinator:
         self._send[:HEADER] = np.frombuffer(np.int64(length).tobytes(), dtype=np.uint8)
         if length <= SLOT_BYTES - HEADER:
             self._send[HEADER:HEADER + length] = np.frombuffer(payload, dtype=np.uint8)
-        self._complete(self.comm.Iallgather(self._send, self._recv), urgent)
+        self._complete(self.comm.Iallgather(self._send, self._recv), urgent, "negotiation")
         slots = self._recv.reshape(self.size, SLOT_BYTES)
         lengths = [int(np.frombuffer(slots[r, :HEADER].tobytes(), dtype=np.int64)[0]) for r in range(self.size)]
         if max(lengths) <= SLOT_BYTES - HEADER:
@@ -231,20 +283,23 @@ class Coordinator:
         received = np.empty(sum(large), dtype=np.uint8)
         own = np.frombuffer(payload, dtype=np.uint8) if large[self.rank] else np.empty(0, dtype=np.uint8)
         offsets = [sum(large[:r]) for r in range(self.size)]
-        self._complete(self.comm.Iallgatherv(own, [received, large, offsets, MPI.BYTE]), urgent)
+        self._complete(self.comm.Iallgatherv(own, [received, large, offsets, MPI.BYTE]), urgent, "negotiation")
         return [pickle.loads(received[offsets[r]:offsets[r] + n].tobytes()) if large[r]
                 else pickle.loads(slots[r, HEADER:HEADER + n].tobytes()) for r, n in enumerate(lengths)]
 
-    def _complete(self, request: MPI.Request, urgent: bool) -> None:
+    def _complete(self, request: MPI.Request, urgent: bool, what: str) -> None:
         """Poll without pausing for a moment when urgent (a small collective needs microseconds), then
-        back off."""
+        back off politely, under the watchdog's deadline (a rank frozen mid-job must not hang the rest)."""
+        self.watchdog.enter(f"horovod {what}")  # on every rank, for every message: the board's count
         deadline = time.perf_counter() + (SPIN_S if urgent and not self._polite else 0.0)
         while time.perf_counter() < deadline:
             if request.Test():
                 return
-        wait_until(request.Test, what="the coordinator's negotiation",
-                   backoff=Backoff(first=2e-5, longest=1e-3, spin=False))
-
+        backoff = Backoff(first=2e-5, longest=1e-3, spin=False)
+        if self.watchdog.settings.enabled:
+            self.watchdog.wait_for(request.Test, backoff=backoff)
+        else:
+            wait_until(request.Test, what="the coordinator's negotiation", backoff=backoff)
 
 def _nbytes(op: Optional[Operation]) -> int:
     return 0 if op is None else op.tensor.numel() * op.tensor.element_size()

