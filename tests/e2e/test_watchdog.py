@@ -206,3 +206,38 @@ def test_stage_frozen_in_model_parallel_training_is_named_by_the_other_stages(da
         stalls = [line for line in out.splitlines() if f"[rank {live}] warning: stall:" in line]
         assert stalls and all("waiting for rank 1" in line for line in stalls), stalls
     assert not error_lines(out, 1)
+
+
+HOROVOD_LOOP = textwrap.dedent("""
+    import os, signal
+    import torch
+    import mpisgd.horovod.torch as hvd
+    from mpisgd.comm.abort import abort_world
+
+    hvd.init()
+    x = torch.ones(1024)
+    try:
+        for i in range(1000000):
+            if hvd.rank() == 1 and i == 50:
+                print("rank 1 freezing at iteration 50", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            hvd.allreduce_(x, name="x")
+            x.fill_(1.0)
+    except hvd.HorovodInternalError as exc:
+        print(f"rank {hvd.rank()} raised HorovodInternalError: {exc}", flush=True)
+        abort_world(4)
+""")
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_rank_frozen_under_the_horovod_api_fails_every_live_ranks_operation_naming_it(tmp_path):
+    script = tmp_path / "hvd_loop.py"
+    script.write_text(HOROVOD_LOOP)
+    code, out = run_until_frozen(3, [sys.executable, str(script)], frozen_rank=1,
+                                 freeze_line="rank 1 freezing at iteration 50",
+                                 env={"MPISGD_COLLECTIVE_TIMEOUT": str(COLLECTIVE_TIMEOUT_S)})
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for live in (0, 2):
+        raised = re.findall(rf"rank {live} raised HorovodInternalError: (.*?)(?=rank \d+ raised|$)", out, re.MULTILINE)
+        assert raised, f"rank {live} did not raise:\n{out}"
+        assert "CollectiveTimeout" in raised[0] and "rank 1" in raised[0], raised[0]
