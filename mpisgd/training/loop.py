@@ -211,6 +211,8 @@ def resume_from_checkpoint(cfg: TrainConfig, comm: Communicator, restore: Callab
             comm.raise_together(error)
             if refused and comm.rank == 0:
                 logger.warning("--resume auto: resumed from %s, the previous valid checkpoint", path)
+            elif comm.rank == 0:
+                logger.info("resumed from %s", path)
             return state, restored
         reason = comm.bcast_object(str(error) if error is not None else None, root=0,
                                    name="checkpoint verification (rank 0's reason)") or "refused on another rank"

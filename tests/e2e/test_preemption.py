@@ -96,6 +96,8 @@ def test_sigterm_to_every_rank_checkpoints_and_resume_auto_is_bitwise_equal(tmp_
     assert 8 <= stopped_at < EPOCHS * 16 and not (tmp_path / "final.h5").exists(), out
     again = run_mpi(RANKS, command(data, tmp_path), timeout=TIMEOUT)
     assert again.returncode == 0, again.stdout
+    # a deterministic run started afresh would end equal too: the second run must have resumed
+    assert f"resumed from {checkpoint_path(tmp_path, stopped_at)}" in again.stdout, again.stdout
     assert_bitwise_equal(uninterrupted, final_parameters(tmp_path))
 
 
