@@ -9,6 +9,7 @@ import glob
 import os
 
 import pytest
+from helpers import mapped_by_some_process
 
 INNER_MPI_RUN = os.environ.get("MPISGD_INNER_MPI_RUN") == "1"
 collect_ignore = [] if INNER_MPI_RUN else ["mpi"]
@@ -16,15 +17,6 @@ collect_ignore = [] if INNER_MPI_RUN else ["mpi"]
 MPICH_SHARED_MEMORY = "/dev/shm/mpich_*"
 
 
-def mapped_by_some_process(path: str) -> bool:
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            with open(maps) as file:
-                if path in file.read():
-                    return True
-        except OSError:
-            continue
-    return False
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ The launcher is the MPI library's own (MPICH's hydra or Open MPI's PRRTE); what 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import shutil
 import subprocess
@@ -95,3 +96,15 @@ def run_mpi(nprocs: int, args: list[str], *, timeout: float, env: dict | None = 
         out, _ = proc.communicate()
         raise AssertionError(f"mpiexec -n {nprocs} {' '.join(args)} hung for {timeout}s; output:\n{out}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def mapped_by_some_process(path: str) -> bool:
+    """Whether a live process maps ``path`` (a /dev/shm file of a running MPI job, not a leftover)."""
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as file:
+                if path in file.read():
+                    return True
+        except OSError:
+            continue
+    return False
