@@ -51,7 +51,7 @@ from mpi4py import MPI
 
 from mpisgd import faults
 from mpisgd import log as mpisgd_log
-from mpisgd.comm import Communicator
+from mpisgd.comm import Communicator, objects
 from mpisgd.comm.abort import abort_world
 from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.data.sharding import samples_per_rank
@@ -182,7 +182,7 @@ def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System
     if job.is_coordinator:
         warm = cfg.warmstart_steps > 0 and job.num_workers > 1 and not resumed
         header = job.board.initialize(warm_open=not warm)
-    comm.mpi.Barrier()  # every shard and the board hold their initial values before any pull
+    comm.barrier(name="parameter server start")  # every shard and the board hold their initial values before any pull
     try:
         if server is None:
             summary = system.worker(job, fault=fault).run()
@@ -199,7 +199,9 @@ def server_pacing(comm: Communicator, roles: Roles) -> tuple[bool, float]:
     """Collective: whether any worker is on another node than this rank, and the idle sleep of a server
     here (a server with workers on other nodes must react to their RMA operations quickly); a bad
     setting is raised on every rank together."""
-    nodes = comm.mpi.allgather(comm.local.allreduce(comm.rank, op=MPI.MIN))  # a node: its lowest world rank
+    lowest_here = objects.allreduce_numbers(objects.Watched(comm.local, comm.wait), comm.rank, "min",
+                                            name="node of each rank")[0]
+    nodes = comm.allgather_objects(int(lowest_here), name="node of each rank")  # a node: its lowest world rank
     remote_workers = any(nodes[w] != nodes[comm.rank] for w in roles.workers)
     try:
         idle_sleep, error = idle_sleep_for(remote_workers=remote_workers), None

@@ -163,7 +163,8 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
     except ConfigError as exc:
         error = exc
     comm.raise_together(error)
-    stage_layers = world.allgather(None if mp is None else (mp.layers.start, mp.layers.stop, mp.split))
+    stage_layers = comm.allgather_objects(None if mp is None else (mp.layers.start, mp.layers.stop, mp.split),
+                                          name="layers of each partition")
 
     remote_workers, idle_sleep = server_pacing(comm, roles)
     buffers = [b for _, b in _float_buffers(model)]
@@ -188,7 +189,7 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
     if job.is_coordinator:
         warm = cfg.warmstart_steps > 0 and shape.replicas > 1
         header = job.board.initialize(warm_open=not warm)
-    world.Barrier()  # every shard and the board hold their initial values before any pull
+    comm.barrier(name="parameter server start")  # every shard and the board hold their initial values before any pull
     try:
         if mp is not None:
             partition = PartitionClient(windows, partition_pieces(model, mp.module, mp.split), applied,
