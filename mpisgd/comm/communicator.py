@@ -25,7 +25,7 @@ from mpisgd.comm.config import NON_POWER_OF_TWO_CHOICES, AllreduceConfig
 from mpisgd.comm.fusion import DEFAULT_BUCKET_BYTES, FusionBucket, fusion_buckets
 from mpisgd.comm.policy import Nodes, Request, Situation, is_power_of_two
 from mpisgd.comm.shm import SharedMemoryAllreduce
-from mpisgd.comm.watchdog import ArrivalBoard, Watchdog, WatchdogSettings
+from mpisgd.comm.watchdog import ArrivalBoard, Watchdog, WatchdogSettings, timed_out
 from mpisgd.errors import CommError, ConfigError, JobFailedError, SharedConfigError
 
 __all__ = ["ALGORITHM_NAMES", "DEFAULT_BUCKET_BYTES", "NON_POWER_OF_TWO_CHOICES", "OPS", "SHM_FUSION_MIN_BYTES",
@@ -149,11 +149,14 @@ class Communicator:
 
     def free(self) -> None:
         """Release the duplicated communicators and the shared window; later use raises RuntimeError.
-        Collective: every rank calls it (freeing a shared window synchronizes the ranks)."""
-        if self._shm is not None and not MPI.Is_finalized():
+        Collective: every rank calls it (freeing a shared window synchronizes the ranks). After a
+        collective of this process timed out the windows are only dropped: the ranks it waited for
+        would never join their (collective) free, and an exit must not hang on them."""
+        collective = not MPI.Is_finalized() and not timed_out()
+        if self._shm is not None and collective:
             self._shm.free()
         self._shm = None
-        if self._board is not None and not MPI.Is_finalized():
+        if self._board is not None and collective:
             self._board.free()
         self._board = self.watchdog.board = None
         for c in (self._cross, self._local, self._mpi):

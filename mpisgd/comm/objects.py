@@ -56,8 +56,9 @@ def _complete(requests: list, wait: Optional[Wait], name: str) -> None:
 
 def allreduce_numbers(comm: Any, values: Union[float, Sequence[float], np.ndarray], op: str = "sum", *,
                       name: str) -> np.ndarray:
-    """Reduce a few numbers across ranks; returns a new 1-D array (int64 if every value is an int or
-    bool, else float64), the same on every rank.
+    """Reduce a few numbers across ranks; returns a new 1-D array, the same values on every rank (int64
+    where this rank's values are ints or bools, else float64). The reduction is in float64 on every rank
+    whatever each passed (ints exact below 2**53), so ranks passing ints and floats still agree.
 
     Args:
         comm: an mpisgd Communicator (watched) or an mpi4py communicator (blocking).
@@ -69,10 +70,9 @@ def allreduce_numbers(comm: Any, values: Union[float, Sequence[float], np.ndarra
         raise ValueError(f"unknown op {op!r}; valid: {', '.join(NUMBER_OPS)}")
     mpi, wait = _endpoints(comm)
     array = np.atleast_1d(np.asarray(values))
-    dtype = np.int64 if array.dtype.kind in "biu" else np.float64
-    result = np.ascontiguousarray(array, dtype=dtype).copy()
+    result = np.ascontiguousarray(array, dtype=np.float64).copy()
     _complete([mpi.Iallreduce(MPI.IN_PLACE, result, op=NUMBER_OPS[op])], wait, name)
-    return result
+    return result.astype(np.int64) if array.dtype.kind in "biu" else result
 
 
 def bcast_object(comm: Any, obj: Any = None, root: int = 0, *, name: str) -> Any:

@@ -143,8 +143,11 @@ class Coordinator:
                     if not all(op.done for op in operations) and not self.stopped:
                         try:
                             self._cycle(urgent=True)
-                        except BaseException as exc:
+                        except Exception as exc:
                             self._broken(exc)
+                        except BaseException as exc:  # Ctrl-C, SystemExit: fail what is pending, then go on
+                            self._broken(exc)
+                            raise
         # stopped: the thread that saw the shutdown fails what is left, at once
         wait_until(lambda: all(op.done for op in operations), what="the shutdown of the coordinator")
 

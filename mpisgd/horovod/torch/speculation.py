@@ -11,8 +11,9 @@ zeros. The reduced control block tells every rank the same thing: either every r
 operations (they are done: one collective) or not (the payload is discarded and the cycle negotiates as
 usual; nothing was applied). The layout is learned from negotiated outcomes, which every rank decides
 alike, so every rank's first message always has the same count, dtype and op: never an MPI mismatch.
-The speculative message is sent only while nothing is pending in the negotiation (common knowledge) and
-is forgotten after a few idle cycles, so waiting for a stalled operation and idling cost nothing extra.
+The speculative message is sent only while nothing is pending in the negotiation (common knowledge), and
+the layout is forgotten after a few idle cycles: a failed speculation (the first idle cycle after a loop,
+or a loop alternating two layouts) costs one small message more than negotiating alone.
 """
 
 from __future__ import annotations
