@@ -1,18 +1,10 @@
 """L-BFGS written in vector commands, so that Sandblaster can run it on vectors it never gathers.
 
-Dean et al. (2012) keep the parameters and the optimizer's history vectors sharded over the
-parameter-server ranks; a coordinator drives the optimizer by sending each shard commands from a
-small set (dot product, scaling, coefficient-wise addition and multiplication, copy) that the shard
-runs on its own slice, and only scalars come back. This module is that optimizer with no MPI in it:
-
-* a *program* is a list of commands on named vectors (:data:`COMMANDS`); :func:`run_program`
-  executes one on a dict of numpy arrays (one shard's slices, or whole vectors) and returns the
-  partial scalars, :func:`combine_partials` adds up the shards' partials (dots) or takes their
-  maximum (max-norms) in shard order, so results do not depend on timing;
-* :func:`minimize` is L-BFGS with the strong-Wolfe line search of Nocedal & Wright (alg. 3.5/3.6)
-  against a :class:`Workspace` (run a program; evaluate the objective at a named vector);
-  :class:`LocalWorkspace` is the one-process workspace used by tests, the distributed one lives
-  in ``mpisgd.sandblaster.scheduler``.
+This module is the optimizer with no MPI in it. :func:`minimize` is L-BFGS with the strong-Wolfe
+line search of :mod:`mpisgd.sandblaster.line_search`, against a
+:class:`~mpisgd.sandblaster.vector_program.Workspace` (run a vector program; evaluate the
+objective at a named vector): :class:`~mpisgd.sandblaster.vector_program.LocalWorkspace` is the
+one-process workspace used by tests, the distributed one lives in ``mpisgd.sandblaster.workspace``.
 
 Why the two-loop recursion runs on a Gram matrix (Chen et al. 2014, "vector-free L-BFGS"): the
 textbook recursion needs one dot product per history pair and loop, each depending on the previous
@@ -28,24 +20,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from mpisgd.errors import MpisgdError
+from mpisgd.sandblaster.line_search import LineSearchResult, strong_wolfe_line_search
 from mpisgd.sandblaster.state import LBFGSState
+from mpisgd.sandblaster.vector_program import (
+    COMMANDS,
+    LocalWorkspace,
+    Workspace,
+    combine_partials,
+    run_program,
+)
 
-#: command name -> what it does (``a``, ``b``, ``x``, ``y``, ``dst``, ``src`` name vectors)
-COMMANDS = {
-    "dot": "('dot', a, b): partial sum of a*b; shards' partials are added",
-    "max_abs": "('max_abs', a): partial max |a|; shards' partials are maxed",
-    "axpy": "('axpy', alpha, x, y): y += alpha * x",
-    "scale": "('scale', alpha, x): x *= alpha",
-    "copy": "('copy', src, dst): dst = src",
-    "combine": "('combine', dst, ((c1, v1), (c2, v2), ...)): dst = sum of c_i * v_i",
-    "mul": "('mul', dst, a, b): dst = a * b coefficient-wise",
-}
-_SCALAR_COMMANDS = ("dot", "max_abs")
+# The vector programs and the line search were in this module before it was split; their names stay
+# importable from here (and from the deprecated ``mpisgd.optim.lbfgs``).
+__all__ = ["COMMANDS", "DEFAULT_OBJECTIVE_TOLERANCE", "IterationRecord", "LBFGSResult", "LBFGSSettings",
+           "LineSearchResult", "LocalWorkspace", "NonFiniteObjectiveError", "Workspace", "combine_partials",
+           "minimize", "run_program", "strong_wolfe_line_search", "two_loop_coefficients", "two_loop_direction"]
 
 #: scipy's L-BFGS-B default ftol (factr 1e7 times machine epsilon)
 DEFAULT_OBJECTIVE_TOLERANCE = 1e7 * np.finfo(float).eps
@@ -53,96 +46,6 @@ DEFAULT_OBJECTIVE_TOLERANCE = 1e7 * np.finfo(float).eps
 
 class NonFiniteObjectiveError(MpisgdError):
     """The objective or its gradient is NaN/inf where the optimizer cannot step around it."""
-
-
-# ---- vector commands ---------------------------------------------------------------------------
-
-def run_program(vectors: dict, program: Sequence[tuple]) -> list:
-    """Run ``program`` on ``vectors`` (name -> 1-d float array, changed in place).
-
-    Vectors written by ``copy``/``combine``/``mul`` are created when missing. Returns one partial
-    scalar per ``dot``/``max_abs`` command, in program order.
-    """
-    partials = []
-    for command in program:
-        name = command[0]
-        if name == "dot":
-            partials.append(float(np.dot(vectors[command[1]], vectors[command[2]])))
-        elif name == "max_abs":
-            values = vectors[command[1]]
-            partials.append(float(np.max(np.abs(values))) if values.size else 0.0)
-        elif name == "axpy":
-            _, alpha, x, y = command
-            vectors[y] += alpha * vectors[x]
-        elif name == "scale":
-            _, alpha, x = command
-            vectors[x] *= alpha
-        elif name == "copy":
-            _, src, dst = command
-            vectors[dst] = vectors[src].copy()
-        elif name == "combine":
-            _, dst, terms = command
-            total = None
-            for coefficient, source in terms:  # fixed order: the result does not depend on timing
-                term = coefficient * vectors[source]
-                total = term if total is None else total + term
-            vectors[dst] = total
-        elif name == "mul":
-            _, dst, a, b = command
-            vectors[dst] = vectors[a] * vectors[b]
-        else:
-            raise ValueError(f"unknown vector command {name!r}; valid: {', '.join(COMMANDS)}")
-    return partials
-
-
-def combine_partials(program: Sequence[tuple], partials_by_shard: Sequence[Sequence[float]]) -> list:
-    """The full scalars of ``program`` from each shard's partials (added, or maxed, in shard order)."""
-    kinds = [command[0] for command in program if command[0] in _SCALAR_COMMANDS]
-    results = []
-    for index, kind in enumerate(kinds):
-        values = [partials[index] for partials in partials_by_shard]
-        if kind == "dot":
-            total = 0.0
-            for value in values:
-                total += value
-            results.append(total)
-        else:
-            results.append(max(values))
-    return results
-
-
-class Workspace(Protocol):
-    """Where the optimizer's vectors live: named vectors it can combine, and the objective.
-
-    ``evaluate(point, gradient, before=..., then=...)`` runs ``before``, computes the objective
-    at vector ``point``, stores its gradient in vector ``gradient``, runs ``then`` and returns
-    (objective, scalars of ``then``): one round trip however the work is spread.
-    """
-
-    def run(self, program: Sequence[tuple]) -> list: ...
-
-    def evaluate(self, point: str, gradient: str, *, before: Sequence[tuple] = (),
-                 then: Sequence[tuple] = ()) -> tuple: ...
-
-
-class LocalWorkspace:
-    """All vectors in one process, the objective a plain function ``fun(x) -> (f, gradient)``."""
-
-    def __init__(self, fun: Callable[[np.ndarray], tuple], x0: np.ndarray):
-        self.fun = fun
-        self.vectors = {"x": np.array(x0, dtype=np.float64).ravel()}
-        self.evaluations = 0
-
-    def run(self, program: Sequence[tuple]) -> list:
-        return combine_partials(program, [run_program(self.vectors, program)])
-
-    def evaluate(self, point: str, gradient: str, *, before: Sequence[tuple] = (),
-                 then: Sequence[tuple] = ()) -> tuple:
-        run_program(self.vectors, before)
-        f, g = self.fun(self.vectors[point])
-        self.evaluations += 1
-        self.vectors[gradient] = np.array(g, dtype=np.float64).ravel()
-        return float(f), self.run(then)
 
 
 # ---- two-loop recursion ------------------------------------------------------------------------
@@ -188,136 +91,6 @@ def two_loop_coefficients(gram: np.ndarray, pairs: int) -> np.ndarray:
         beta = rho[i] * (gram[k + i] @ q)
         q[i] += alphas[i] - beta
     return -q
-
-
-# ---- strong Wolfe line search ------------------------------------------------------------------
-
-@dataclass
-class LineSearchResult:
-    """Outcome of :func:`strong_wolfe_line_search`.
-
-    ``status``: "wolfe" (both strong Wolfe conditions hold), "decrease" (sufficient decrease only:
-    the evaluation budget ran out in the zoom), "failed" (no step decreased the objective) or
-    "nonfinite" (every step tried gave NaN/inf).
-    """
-
-    alpha: float
-    f: float
-    slope: float
-    evaluations: int
-    status: str
-
-    @property
-    def moved(self) -> bool:
-        return self.status in ("wolfe", "decrease")
-
-
-def _cubic_minimizer(a, fa, da, b, fb, db) -> float | None:
-    """Minimizer of the cubic through (a, fa, da) and (b, fb, db), None when it has none."""
-    d1 = da + db - 3 * (fa - fb) / (a - b)
-    radicand = d1 * d1 - da * db
-    if radicand < 0 or not math.isfinite(radicand):
-        return None
-    d2 = math.copysign(math.sqrt(radicand), b - a)
-    denominator = db - da + 2 * d2
-    if denominator == 0:
-        return None
-    result = b - (b - a) * (db + d2 - d1) / denominator
-    return result if math.isfinite(result) else None
-
-
-def _quadratic_minimizer(a, fa, da, b, fb) -> float | None:
-    """Minimizer of the parabola with value fa, slope da at a and value fb at b."""
-    curvature = (fb - fa - da * (b - a)) / ((b - a) ** 2)
-    if curvature <= 0 or not math.isfinite(curvature):
-        return None
-    return a - da / (2 * curvature)
-
-
-def strong_wolfe_line_search(phi: Callable[[float], tuple], f0: float, slope0: float, alpha: float, *,
-                             c1: float = 1e-4, c2: float = 0.9, max_evaluations: int = 20,
-                             alpha_max: float = 1e10) -> LineSearchResult:
-    """A step satisfying the strong Wolfe conditions along a descent direction (N&W alg. 3.5/3.6).
-
-    Args:
-        phi: alpha -> (objective, directional derivative) at x + alpha * d; may return NaN/inf,
-            which is treated as "too far": the step is cut back (by 10x) until values are finite.
-        f0, slope0: phi(0) and phi'(0) (< 0).
-        alpha: first step to try.
-        c1, c2: sufficient-decrease and curvature constants, 0 < c1 < c2 < 1.
-        max_evaluations: budget of phi calls.
-        alpha_max: largest step the bracketing phase may try.
-    """
-    if not slope0 < 0:
-        raise ValueError(f"line search needs a descent direction, got phi'(0) = {slope0}")
-    if not 0 < c1 < c2 < 1:
-        raise ValueError(f"need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}")
-    evaluations = 0
-    finite_seen = False
-    previous = (0.0, f0, slope0)
-    while evaluations < max_evaluations:
-        f, slope = phi(alpha)
-        evaluations += 1
-        current = (alpha, f, slope)
-        if not (math.isfinite(f) and math.isfinite(slope)):
-            return _zoom(phi, previous, (alpha, math.inf, math.nan), f0, slope0, c1, c2,
-                         evaluations, max_evaluations, finite_seen)
-        finite_seen = True
-        if f > f0 + c1 * alpha * slope0 or (evaluations > 1 and f >= previous[1]):
-            return _zoom(phi, previous, current, f0, slope0, c1, c2, evaluations, max_evaluations, True)
-        if abs(slope) <= -c2 * slope0:
-            return LineSearchResult(alpha, f, slope, evaluations, "wolfe")
-        if slope >= 0:
-            return _zoom(phi, current, previous, f0, slope0, c1, c2, evaluations, max_evaluations, True)
-        # still going down steeply: extrapolate to between 1.1x and 4x the last increment
-        low, high = alpha + 1.1 * (alpha - previous[0]), alpha + 4.0 * (alpha - previous[0])
-        guess = _cubic_minimizer(previous[0], previous[1], previous[2], alpha, f, slope)
-        next_alpha = high if guess is None or guess > high else max(low, guess)
-        previous = current
-        alpha = min(next_alpha, alpha_max)
-        if alpha == previous[0]:
-            break
-    alpha_p, f_p, slope_p = previous
-    status = "decrease" if alpha_p > 0 else ("failed" if finite_seen else "nonfinite")
-    return LineSearchResult(alpha_p, f_p, slope_p, evaluations, status)
-
-
-def _zoom(phi, low, high, f0, slope0, c1, c2, evaluations, max_evaluations, finite_seen) -> LineSearchResult:
-    """N&W alg. 3.6: shrink [low, high] (low: best point with sufficient decrease) to a Wolfe step."""
-    while evaluations < max_evaluations:
-        a_lo, f_lo, s_lo = low
-        a_hi, f_hi, s_hi = high
-        width = a_hi - a_lo
-        if abs(width) <= 1e-12 * max(abs(a_lo), abs(a_hi)) or width == 0:
-            break
-        if math.isfinite(f_hi):
-            lower, upper = sorted((a_lo, a_hi))
-            margin = 0.1 * (upper - lower)
-            trial = _cubic_minimizer(a_lo, f_lo, s_lo, a_hi, f_hi, s_hi) if math.isfinite(s_hi) else None
-            if trial is None or not lower + margin <= trial <= upper - margin:
-                trial = _quadratic_minimizer(a_lo, f_lo, s_lo, a_hi, f_hi)
-                margin = 0.2 * (upper - lower)
-                if trial is None or not lower + margin <= trial <= upper - margin:
-                    trial = a_lo + 0.5 * width
-        else:
-            trial = a_lo + 0.1 * width  # non-finite values: back off hard
-        f, slope = phi(trial)
-        evaluations += 1
-        if not (math.isfinite(f) and math.isfinite(slope)):
-            high = (trial, math.inf, math.nan)
-            continue
-        finite_seen = True
-        if f > f0 + c1 * trial * slope0 or f >= f_lo:
-            high = (trial, f, slope)
-        else:
-            if abs(slope) <= -c2 * slope0:
-                return LineSearchResult(trial, f, slope, evaluations, "wolfe")
-            if slope * (a_hi - a_lo) >= 0:
-                high = low
-            low = (trial, f, slope)
-    a_lo, f_lo, s_lo = low
-    status = "decrease" if a_lo > 0 else ("failed" if finite_seen else "nonfinite")
-    return LineSearchResult(a_lo, f_lo, s_lo, evaluations, status)
 
 
 # ---- the optimizer -----------------------------------------------------------------------------
@@ -366,10 +139,18 @@ class LBFGSResult:
     history: list = field(default_factory=list)
 
 
-def _converged(f_previous: float, f: float, g_max: float, settings: LBFGSSettings) -> tuple[str, str] | None:
-    """(stop reason, message) when an iteration from ``f_previous`` to ``f`` met a tolerance."""
+def _gradient_converged(g_max: float, settings: LBFGSSettings) -> tuple[str, str] | None:
+    """(stop reason, message) when the max-norm of the gradient meets the gradient tolerance."""
     if g_max <= settings.gradient_tolerance:
         return "gradient_tolerance", f"max |gradient| {g_max:.3g} <= {settings.gradient_tolerance:g}"
+    return None
+
+
+def _converged(f_previous: float, f: float, g_max: float, settings: LBFGSSettings) -> tuple[str, str] | None:
+    """(stop reason, message) when an iteration from ``f_previous`` to ``f`` met a tolerance."""
+    gradient = _gradient_converged(g_max, settings)
+    if gradient:
+        return gradient
     if (f_previous - f) / max(abs(f_previous), abs(f), 1.0) <= settings.objective_tolerance:
         return "objective_tolerance", f"relative decrease of the objective <= {settings.objective_tolerance:.3g}"
     return None
@@ -444,7 +225,10 @@ def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
         pairs, free_slots, gram.values = list(start.pairs), list(start.free_slots), dict(start.gram)
         first_iteration = start.iteration + 1
         f_previous = start.previous_objective
-        converged = None if f_previous is None else _converged(f_previous, f, g_max, settings)
+        if f_previous is None:  # saved at the starting point: only the gradient test applies there
+            converged = _gradient_converged(g_max, settings)
+        else:
+            converged = _converged(f_previous, f, g_max, settings)
         if converged:  # stopped right at the iteration that met a tolerance: the run was over
             return finish(start.iteration, *converged)
     evaluated: dict = {}  # the last trial step and its max |gradient|

@@ -2,7 +2,7 @@
 that run on it, and the per-pass sum of portion gradients.
 
 The shard never sees a whole vector. The coordinator rank sends it programs of vector commands
-(`mpisgd.sandblaster.lbfgs.run_program`) and gets partial scalars back; between a BEGIN and an END
+(`mpisgd.sandblaster.vector_program.run_program`) and gets partial scalars back; between a BEGIN and an END
 command (one evaluation of the objective, a *pass*) workers pull the pass's point from it and push
 the gradient of each portion of the training set they computed.
 
@@ -25,8 +25,8 @@ from mpi4py import MPI
 
 from mpisgd.errors import CommError
 from mpisgd.faults import SignalAtStep
-from mpisgd.sandblaster.lbfgs import run_program
 from mpisgd.sandblaster.protocol import Clock, Ending, ShardCommand, SignalForwarder, Tag, polite_backoff
+from mpisgd.sandblaster.vector_program import run_program
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The Sandblaster coordinator rank's L-BFGS workspace: vectors that live on the shard ranks.
 
-`ShardedWorkspace` implements `mpisgd.sandblaster.lbfgs.Workspace`: a program of vector commands goes
+`ShardedWorkspace` implements `mpisgd.sandblaster.vector_program.Workspace`: a program of vector commands goes
 to every shard and their partial scalars are combined in shard order; evaluating the objective is
 one *pass* over the training set: the shards begin it (they serve its point to workers), the
 `mpisgd.sandblaster.scheduler.PortionScheduler` gets every portion computed, and the shards end it
@@ -18,14 +18,14 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisgd.errors import CommError
-from mpisgd.sandblaster.lbfgs import combine_partials
 from mpisgd.sandblaster.protocol import Ending, Portions, ShardCommand, Tag, receive_object, wait_for_message
 from mpisgd.sandblaster.scheduler import PortionScheduler
+from mpisgd.sandblaster.vector_program import combine_partials
 from mpisgd.training.layout import ShardLayout
 
 
 class ShardedWorkspace:
-    """`mpisgd.sandblaster.lbfgs.Workspace` whose vectors live on the shard ranks and whose objective is a pass.
+    """`mpisgd.sandblaster.vector_program.Workspace` whose vectors live on the shard ranks and whose objective is a pass.
 
     The objective is sum(portion loss sums) / N + the shards' regularizer terms; the gradient is
     formed on the shards (see `mpisgd.sandblaster.shard`). Loss sums are added with math.fsum, which is

@@ -10,15 +10,13 @@ from scipy.optimize import rosen, rosen_der
 
 from mpisgd.sandblaster.lbfgs import (
     LBFGSSettings,
-    LocalWorkspace,
     NonFiniteObjectiveError,
-    combine_partials,
     minimize,
-    run_program,
-    strong_wolfe_line_search,
     two_loop_coefficients,
     two_loop_direction,
 )
+from mpisgd.sandblaster.line_search import strong_wolfe_line_search
+from mpisgd.sandblaster.vector_program import LocalWorkspace, combine_partials, run_program
 
 
 def curvature_pairs(rng, n, k):

@@ -10,8 +10,9 @@ import pytest
 from scipy.optimize import rosen, rosen_der
 
 from mpisgd.errors import ConfigError
-from mpisgd.sandblaster.lbfgs import LBFGSSettings, LocalWorkspace, minimize
+from mpisgd.sandblaster.lbfgs import LBFGSSettings, minimize
 from mpisgd.sandblaster.state import LBFGSState
+from mpisgd.sandblaster.vector_program import LocalWorkspace
 
 SETTINGS = LBFGSSettings(history=4, gradient_tolerance=1e-9, max_iterations=60)
 START = np.array([-1.2, 1.0, -0.5, 0.8, 1.5])
@@ -73,3 +74,15 @@ def test_a_state_of_another_history_length_is_refused():
     _, state = stopped_after(6)
     with pytest.raises(ConfigError, match="--history 7"):
         LBFGSState.from_json(state.to_json(), history=7)
+
+
+def test_resumed_at_a_starting_point_that_already_met_the_gradient_tolerance_it_stops_there():
+    """Iteration 0 has no previous objective: the gradient test alone decides, as in a fresh run."""
+    minimum = np.ones_like(START)  # Rosenbrock's minimizer: the gradient is exactly zero there
+    states: list = []
+    expected = minimize(LocalWorkspace(fun, minimum), SETTINGS, on_state=states.append)
+    assert (expected.iterations, expected.stopped) == (0, "gradient_tolerance")
+    resumed = LocalWorkspace(fun, minimum)
+    result = minimize(resumed, SETTINGS, start=states[-1])
+    assert (result.iterations, result.stopped) == (0, "gradient_tolerance")
+    assert resumed.evaluations == 0
