@@ -307,6 +307,29 @@ def test_stall_inspector_names_missing_ranks(caplog):
     assert_close(hvd.allreduce(torch.ones(2), op=hvd.Sum), torch.full((2,), float(P)))
 
 
+@pytest.mark.parametrize("variable, value", [("HOROVOD_CYCLE_TIME", "fast"),
+                                             ("MPISGD_HOROVOD_SPECULATION", "sometimes")])
+def test_a_malformed_setting_on_one_rank_is_the_same_error_on_every_rank(variable, value):
+    """Read on the last rank only: the others have nothing wrong to raise about, and must not wait."""
+    hvd.shutdown()
+    saved = os.environ.get(variable)
+    if RANK == P - 1:
+        os.environ[variable] = value
+    try:
+        with pytest.raises(ValueError) as info:
+            hvd.init()
+    finally:
+        os.environ.pop(variable, None)
+        if saved is not None:
+            os.environ[variable] = saved
+    message = str(info.value)
+    assert len(set(WORLD.allgather(message))) == 1, "ranks raised different messages"
+    assert f"rank {P - 1}: " in message and variable in message and repr(value) in message, message
+    assert not hvd.is_initialized()
+    hvd.init()
+    assert_close(hvd.allreduce(torch.ones(2), op=hvd.Sum), torch.full((2,), float(P)))
+
+
 # ---- 5. process sets ------------------------------------------------------------------------------
 @multi_rank
 def test_process_sets():

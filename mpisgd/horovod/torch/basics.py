@@ -20,7 +20,8 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from mpisgd import environment
-from mpisgd.errors import CommError
+from mpisgd.comm import objects
+from mpisgd.errors import CommError, SharedConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,21 @@ class Settings:
                    speculation=str(environment.read("MPISGD_HOROVOD_SPECULATION", "auto")))
 
 
+def _agreed_settings(comm: Any) -> Settings:
+    """:meth:`Settings.from_environment` on every rank of ``comm`` (an mpisgd Communicator), where a
+    malformed variable on any rank is the same ValueError on every rank: a rank that raised alone
+    would leave the others waiting in the coordinator's first cycle until the collective timeout."""
+    try:
+        settings, problem = Settings.from_environment(), None
+    except ValueError as error:  # mpisgd.environment's ConfigError is one
+        settings, problem = None, str(error)
+    problems = objects.allgather_objects(comm, problem, name="Horovod settings")
+    bad = [f"rank {rank}: {text}" for rank, text in enumerate(problems) if text is not None]
+    if bad or settings is None:
+        raise SharedConfigError("hvd.init(): " + "; ".join(bad))
+    return settings
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where this process sits: in the job, on its node, and among the ranks of its local rank."""
@@ -114,8 +130,9 @@ class Layout:
 def _layout(comm: Any) -> Layout:
     """Collective over ``comm`` (an mpisgd Communicator)."""
     local = comm.local
-    node_leader = local.bcast(comm.rank, root=0)
-    everyone = comm.mpi.allgather((node_leader, local.Get_rank(), local.Get_size()))
+    node_leader = objects.bcast_object(objects.Watched(local, comm.wait), comm.rank, name="Horovod node leader")
+    everyone = objects.allgather_objects(comm, (node_leader, local.Get_rank(), local.Get_size()),
+                                         name="Horovod layout")
     same_local_rank = sorted({leader for leader, lr, _ in everyone if lr == local.Get_rank()})
     return Layout(rank=comm.rank, size=comm.size, local_rank=local.Get_rank(), local_size=local.Get_size(),
                   cross_rank=same_local_rank.index(node_leader), cross_size=len(same_local_rank),
@@ -132,7 +149,7 @@ class Runtime:
 
         self.communicator = get_communicator(comm)
         self.layout = _layout(self.communicator)
-        self.settings = Settings.from_environment()
+        self.settings = _agreed_settings(self.communicator)
         self.process_sets = ProcessSetTable(self.communicator)
         self.coordinator = Coordinator(self.communicator, self.process_sets, self.settings)
         self.dynamic_process_sets = process_sets == "dynamic" or os.environ.get(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpisgd.comm.agreement import SIGNATURE, signature_of
+from mpisgd.comm.agreement import FLOAT32_EXACT_BELOW_RANKS, SIGNATURE, signature_of
 from mpisgd.horovod.torch.basics import ReduceOp
 from mpisgd.horovod.torch.executor import Operation, scale_
 from mpisgd.horovod.torch.negotiation import Kind, Signature
@@ -136,4 +136,7 @@ class Speculation:
         self._idle = 0
         ok = all(r.error is None and not r.joined for r in responses)
         signatures: list[Signature] = [r.signature for r in responses]
-        self.layout = layout_of(signatures) if ok else None
+        layout = layout_of(signatures) if ok else None
+        if layout is not None and layout.dtype == np.float32 and self.size >= FLOAT32_EXACT_BELOW_RANKS:
+            layout = None  # the reduced signature would no longer be exact in float32: always negotiate
+        self.layout = layout
