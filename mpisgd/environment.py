@@ -99,6 +99,9 @@ VARIABLES = {v.name: v for v in [
     Variable("MPISGD_TEST_EVALUATION_FAULT", _text,
              "test-only (mpisgd/faults.py): rank:n:freeze|slow|raise|sleep[:seconds], at that rank's n-th evaluation "
              "(from 0)"),
+    Variable("MPISGD_TEST_SHARD_GATHER_FAULT", _text,
+             "test-only (mpisgd/faults.py): rank:n:freeze|slow|raise|sleep[:seconds], as that parameter server's "
+             "n-th gather of the shards (from 0) starts"),
     Variable("MPISGD_TEST_MODEL_PARALLEL_FAULT", _text,
              "test-only (mpisgd/faults.py): rank:step:freeze|slow|raise|sleep[:seconds], before that model-parallel "
              "step's pipeline"),

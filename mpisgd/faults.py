@@ -185,6 +185,22 @@ def evaluation_started(rank: int) -> None:
         fault.strike(number)
 
 
+SHARD_GATHER_FAULT_VARIABLE = "MPISGD_TEST_SHARD_GATHER_FAULT"
+_shard_gathers_started = 0
+
+
+def shard_gather_started(rank: int) -> None:
+    """Hook as a parameter server (world rank ``rank``) starts gathering the shards for a checkpoint or
+    the job's end: strikes ``MPISGD_TEST_SHARD_GATHER_FAULT=rank:n:action[:seconds]`` at this process's
+    gather number n (from 0; the strike's log line calls it a step)."""
+    global _shard_gathers_started
+    number, _shard_gathers_started = _shard_gathers_started, _shard_gathers_started + 1
+    spec = environment.read(SHARD_GATHER_FAULT_VARIABLE)
+    fault = parse_worker_fault(str(spec), rank, SHARD_GATHER_FAULT_VARIABLE) if spec else None
+    if fault is not None:
+        fault.strike(number)
+
+
 SANDBLASTER_FAULT_VARIABLE = "MPISGD_SANDBLASTER_FAULT"
 
 

@@ -36,6 +36,27 @@ class Watched(NamedTuple):
     wait: Wait
 
 
+def among(comm: Any, mpi: MPI.Comm, *, what: str) -> Watched:
+    """Collectives on ``mpi``, a communicator of only some ranks of the mpisgd Communicator ``comm`` (the
+    servers of a parameter-server job): waits under ``comm``'s deadline and stall warnings, as
+    point-to-point waits naming ``mpi``'s other members (the ranks outside never enter these
+    collectives, so the collective sequence numbers that name missing ranks do not apply)."""
+    world, group = MPI.COMM_WORLD.Get_group(), mpi.Get_group()
+    try:
+        members = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)
+    finally:
+        group.Free()
+        world.Free()
+    me = MPI.COMM_WORLD.Get_rank()
+    peers = [int(r) for r in members if r != me]
+
+    def wait(requests: list, name: str) -> None:
+        comm.watchdog.wait_for_peers(lambda: MPI.Request.Testall(requests), what=f"{what}: {name}", peers=peers,
+                                     agree=False)
+
+    return Watched(mpi, wait)
+
+
 def _endpoints(comm: Any) -> tuple[MPI.Comm, Optional[Wait]]:
     """(the MPI communicator, the watchdog's wait) of an mpisgd Communicator; (comm, None) of an mpi4py one."""
     wait = getattr(comm, "wait", None)

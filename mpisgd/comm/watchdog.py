@@ -297,14 +297,17 @@ class Watchdog:
         return wait_until(ready, backoff=backoff, clock=self.clock, watch=_StalledWait(self))
 
     def wait_for_peers(self, ready: Callable[[], Any], *, what: str, peers: Sequence[int],
-                       timeout: Optional[float] = None, backoff: Optional[Backoff] = None) -> Any:
+                       timeout: Optional[float] = None, backoff: Optional[Backoff] = None,
+                       agree: bool = True) -> Any:
         """Poll ``ready()`` for point-to-point traffic with ``peers`` (COMM_WORLD ranks, named in reports):
         stall warnings and :class:`~mpisgd.errors.CollectiveTimeout` as for collectives, naming ``what`` and
-        the peers. ``timeout`` replaces the settings' (0: no deadline, and no warnings: polled forever)."""
+        the peers. ``timeout`` replaces the settings' (0: no deadline, and no warnings: polled forever).
+        ``agree=False``: at the timeout, raise at once instead of first waiting (briefly) for the other live
+        ranks to time out too: for waits the ranks outside ``peers`` never share (a sub-communicator's)."""
         settings = self.settings if timeout is None else dataclasses.replace(self.settings, timeout=timeout)
         backoff = backoff or Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
                                      clock=self.clock, sleep=self.sleep)
-        watch = _PeerWait(self, settings, what, list(peers)) if settings.enabled else None
+        watch = _PeerWait(self, settings, what, list(peers), agree) if settings.enabled else None
         return wait_until(ready, backoff=backoff, clock=self.clock, watch=watch)
 
     @contextlib.contextmanager
@@ -421,8 +424,9 @@ class _PeerWait:
     """The :class:`~mpisgd.comm.wait.Watch` of a point-to-point wait (:meth:`Watchdog.wait_for_peers`): the
     peers are known, so no board is read; warnings every ``stall_warning`` s, then the timeout."""
 
-    def __init__(self, watchdog: Watchdog, settings: WatchdogSettings, what: str, peers: list) -> None:
-        self.dog, self.settings, self.what, self.peers = watchdog, settings, what, peers
+    def __init__(self, watchdog: Watchdog, settings: WatchdogSettings, what: str, peers: list,
+                 agree: bool = True) -> None:
+        self.dog, self.settings, self.what, self.peers, self.agree = watchdog, settings, what, peers, agree
         self.first_check = settings.beat_s
         self.next_warning = settings.stall_warning if settings.stall_warning > 0 else float("inf")
 
@@ -436,7 +440,7 @@ class _PeerWait:
             dog.board.beat()
         if waited >= settings.timeout:
             suspects = {i for i, world in enumerate(dog.world_ranks) if world in self.peers}
-            dog.await_the_others(suspects, 0, settings.timeout)
+            dog.await_the_others(suspects, 0, settings.timeout if self.agree else 0.0)
             raise CollectiveTimeout(f"{self.what}: no progress for {waited:.1f} s (collective timeout "
                                     f"{settings.timeout:g} s) on rank {me}: {self.missing()}")
         if waited >= self.next_warning:

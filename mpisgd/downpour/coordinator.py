@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpisgd import faults
+from mpisgd.comm import objects
 from mpisgd.downpour.board import BoardHeader, Header, Phase, StopReason, WorkerRows, WorkerState
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.server import ShardServer
@@ -56,16 +58,24 @@ class Shards(NamedTuple):
 
 def gather_shards(job: JobContext, server: ShardServer) -> Shards:
     """Collective over the servers: shard values and rule state, assembled on server 0."""
+    faults.shard_gather_started(MPI.COMM_WORLD.Get_rank())
     counts = [job.layout.shard_size(s) for s in range(job.layout.num_shards)]
     parts = {"params": server.params, **server.rule.state}
+    servers = among_servers(job)
     assembled = {}
     for name, local in parts.items():
         target = np.empty(job.layout.num_params, dtype=np.float32) if job.windows.shard == 0 else None
-        job.role_comm.Gatherv(np.ascontiguousarray(local), [target, counts, MPI.FLOAT] if target is not None
-                              else None, root=0)
+        request = job.role_comm.Igatherv(np.ascontiguousarray(local), [target, counts, MPI.FLOAT]
+                                         if target is not None else None, root=0)
+        servers.wait([request], f"shard {name}")
         assembled[name] = target
-    counters = job.role_comm.gather(server.counters(), root=0)
+    counters = objects.allgather_objects(servers, server.counters(), name="shard counters")
     return Shards(assembled.pop("params"), assembled, counters)
+
+
+def among_servers(job: JobContext) -> objects.Watched:
+    """The servers' own collectives, each wait under the collective timeout naming the other servers."""
+    return objects.among(job.comm, job.role_comm, what="parameter servers")
 
 
 def follow_coordinator(job: JobContext, server: ShardServer) -> dict:
@@ -84,7 +94,7 @@ def follow_coordinator(job: JobContext, server: ShardServer) -> dict:
             break
     server.drain()
     gather_shards(job, server)
-    return job.role_comm.bcast(None, root=0)
+    return objects.bcast_object(among_servers(job), None, root=0, name="job outcome")
 
 
 class _ServingWhileEvaluating:
@@ -359,8 +369,8 @@ class Coordinator:
         self.board.set_header(self.header, Header.EXIT_CODE, float(exit_code))
         self.board.set_header(self.header, Header.ABORT, float(bool(dead)))
         self.board.set_header(self.header, Header.PHASE, Phase.FINISHED)
-        job.role_comm.bcast({"steps": step, "stopped": reason.label, "exit_code": exit_code,
-                             "abort": bool(dead)}, root=0)
+        objects.bcast_object(among_servers(job), {"steps": step, "stopped": reason.label, "exit_code": exit_code,
+                                                  "abort": bool(dead)}, root=0, name="job outcome")
         return summary
 
 

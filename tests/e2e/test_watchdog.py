@@ -28,6 +28,7 @@ from mpisgd.faults import (
     EVALUATION_FAULT_VARIABLE,
     MARKER_VARIABLE,
     MODEL_PARALLEL_FAULT_VARIABLE,
+    SHARD_GATHER_FAULT_VARIABLE,
     SYNC_FAULT_VARIABLE,
     pid_of_rank,
 )
@@ -185,6 +186,23 @@ def test_rank_frozen_at_evaluation_is_named_by_every_live_rank(data):
         assert errors, f"rank {live} did not report:\n{out}"
         assert "rank 1 has not arrived" in errors[0] and "'evaluation (correct, seen)'" in errors[0], errors[0]
         assert f"[rank {live}] warning: stall:" in out
+    assert not error_lines(out, 1)
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_server_frozen_at_the_end_of_a_downpour_job_is_named_by_server_0(data):
+    """Servers 0 and 1, workers 2 and 3: server 1 stops as it starts the end-of-job gather of the shards
+    (its first: no checkpoint before it), which server 0 waits in; the workers have no part in it."""
+    code, out = run_until_frozen(
+        4, [mpisgd_command(), "train", "--strategy", "downpour", "--servers", "2", "--data", str(data),
+            "--epochs", "1", "--batch-size", "16", "--hidden", "8", "--no-progress", "--collective-timeout",
+            str(COLLECTIVE_TIMEOUT_S), "--stall-warning", "1"],
+        frozen_rank=1, freeze_line="freezing (SIGSTOP) at step 0", env={SHARD_GATHER_FAULT_VARIABLE: "1:0:freeze"})
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    errors = error_lines(out, 0)
+    assert errors, f"server 0 did not report:\n{out}"
+    assert "parameter servers: shard params" in errors[0] and "waiting for rank 1" in errors[0], errors[0]
+    assert "[rank 0] warning: stall: parameter servers" in out
     assert not error_lines(out, 1)
 
 
