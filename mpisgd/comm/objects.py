@@ -7,7 +7,9 @@ from, whether a checkpoint verified on every rank, an evaluation's counts). mpi4
 helpers run the nonblocking forms (``Iallreduce``, ``Ibcast`` of a length and then of the pickled bytes,
 ``Iallgather`` + ``Iallgatherv``, ``Ibarrier``) and wait through :meth:`Communicator.wait`, so each one is
 named and counted in the arrival board like the all-reduces, warns after ``stall_warning`` and raises
-:class:`~mpisgd.errors.CollectiveTimeout` after ``timeout``. On a bare mpi4py communicator (no watchdog)
+:class:`~mpisgd.errors.CollectiveTimeout` after ``timeout``. Collectives of some ranks only (the
+servers' own, through :func:`among`) are waited as point-to-point waits are: not counted in the arrival
+board, named by the members not there yet. On a bare mpi4py communicator (no watchdog)
 they block in ``MPI_Waitall``, as a plain MPI program does; so does a communicator with ``timeout=0``.
 """
 
@@ -20,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["Watched", "allgather_objects", "allreduce_numbers", "barrier", "bcast_object"]
+__all__ = ["Watched", "allgather_objects", "allreduce_numbers", "among", "barrier", "bcast_object"]
 
 #: the reductions of :func:`allreduce_numbers` (a logical or is a max of 0/1)
 NUMBER_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -29,8 +31,9 @@ Wait = Callable[[list, str], None]  # Communicator.wait: enter the named collect
 
 
 class Watched(NamedTuple):
-    """Collectives on another communicator ``mpi`` (a node's, say) under a Communicator's watchdog (its
-    ``wait``): for collectives that every rank of that Communicator runs at the same point."""
+    """Collectives on another communicator ``mpi`` waited with ``wait(requests, name)``: a Communicator's
+    (``comm.wait``, for collectives that every rank of that Communicator runs at the same point, such as
+    its node's), or :func:`among`'s (for those of some of its ranks only)."""
 
     mpi: MPI.Comm
     wait: Wait

@@ -49,7 +49,8 @@ class Snapshot(NamedTuple):
 
 
 class Shards(NamedTuple):
-    """Every server's shard assembled on server 0 (None on the other servers)."""
+    """Every server's shard assembled on server 0 (params and rule state None on the other servers; every
+    server gets every server's counters)."""
 
     params: Optional[np.ndarray]
     rule_state: dict
@@ -340,6 +341,11 @@ class Coordinator:
         failed = [job.roles.workers[i] for i in np.flatnonzero(rows.states == WorkerState.FAILED)]
         dead = [job.roles.workers[i] for i in np.flatnonzero((rows.states == WorkerState.RUNNING) & self.dead)]
         self.stop_reason = reason = self._final_stop_reason(rows, failed)
+        exit_code = 1 if reason in (StopReason.NONFINITE, StopReason.NO_WORKERS) else 0
+        # the other servers learn the outcome now, not after the evaluation and the checkpoint writes below,
+        # which may outlast --collective-timeout: they wait for the end of the job as the workers do
+        objects.bcast_object(among_servers(job), {"steps": step, "stopped": reason.label, "exit_code": exit_code,
+                                                  "abort": bool(dead)}, root=0, name="job outcome")
         self._load_eval_model(shards.params, rows)
         if job.data.val is not None:
             self.val_accuracy = self._evaluate()
@@ -356,7 +362,6 @@ class Coordinator:
             drained = {"drained_val_accuracy": self.val_accuracy}
             self.val_accuracy = final_model.accuracy
         self._log_metrics(rows, step, val_accuracy=self.val_accuracy, **drained)
-        exit_code = 1 if reason in (StopReason.NONFINITE, StopReason.NO_WORKERS) else 0
         counters = shards.counters
         summary = {"steps": step, "stopped": reason.label, "val_accuracy": self.val_accuracy,
                    "servers": job.layout.num_shards, "workers": job.num_workers, "dead_workers": dead,
@@ -369,8 +374,6 @@ class Coordinator:
         self.board.set_header(self.header, Header.EXIT_CODE, float(exit_code))
         self.board.set_header(self.header, Header.ABORT, float(bool(dead)))
         self.board.set_header(self.header, Header.PHASE, Phase.FINISHED)
-        objects.bcast_object(among_servers(job), {"steps": step, "stopped": reason.label, "exit_code": exit_code,
-                                                  "abort": bool(dead)}, root=0, name="job outcome")
         return summary
 
 

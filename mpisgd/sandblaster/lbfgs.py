@@ -139,6 +139,9 @@ class LBFGSResult:
     history: list = field(default_factory=list)
 
 
+STARTED_CONVERGED = ("gradient_tolerance", "the starting point already meets the gradient tolerance")
+
+
 def _gradient_converged(g_max: float, settings: LBFGSSettings) -> tuple[str, str] | None:
     """(stop reason, message) when the max-norm of the gradient meets the gradient tolerance."""
     if g_max <= settings.gradient_tolerance:
@@ -218,7 +221,7 @@ def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
         free_slots = list(range(m + 1))
         report(IterationRecord(0, f, g_max, function_evaluations=evaluations))
         if g_max <= settings.gradient_tolerance:
-            return finish(0, "gradient_tolerance", "the starting point already meets the gradient tolerance")
+            return finish(0, *STARTED_CONVERGED)
     else:
         f, g_max, gg, evaluations = start.objective, start.gradient_max_norm, start.gradient_dot, \
             start.function_evaluations
@@ -226,7 +229,7 @@ def minimize(workspace: Workspace, settings: LBFGSSettings = LBFGSSettings(), *,
         first_iteration = start.iteration + 1
         f_previous = start.previous_objective
         if f_previous is None:  # saved at the starting point: only the gradient test applies there
-            converged = _gradient_converged(g_max, settings)
+            converged = _gradient_converged(g_max, settings) and STARTED_CONVERGED
         else:
             converged = _converged(f_previous, f, g_max, settings)
         if converged:  # stopped right at the iteration that met a tolerance: the run was over

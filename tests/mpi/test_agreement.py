@@ -50,6 +50,8 @@ def assert_equals_mpi(actual, x, op, rounded_to_eps=0.0):
     if order_free(x.dtype, op):
         np.testing.assert_array_equal(actual, expected)
         return
+    # in whatever order MPI added, every rank must hold the same bits
+    assert len(set(WORLD.allgather(np.ascontiguousarray(actual).tobytes()))) == 1, "ranks hold different sums"
     magnitude = reference(np.abs(x), op).astype(np.float64)
     bound = 2 * (P - 1) * np.finfo(x.dtype).eps * magnitude + rounded_to_eps * np.abs(expected)
     assert np.all(np.abs(actual - expected) <= bound), np.max(np.abs(actual - expected) - bound)

@@ -307,7 +307,7 @@ def test_stall_inspector_names_missing_ranks(caplog):
     assert_close(hvd.allreduce(torch.ones(2), op=hvd.Sum), torch.full((2,), float(P)))
 
 
-@pytest.mark.parametrize("variable, value", [("HOROVOD_CYCLE_TIME", "fast"),
+@pytest.mark.parametrize("variable, value", [("HOROVOD_CYCLE_TIME", "fast"), ("HOROVOD_CACHE_CAPACITY", "inf"),
                                              ("MPISGD_HOROVOD_SPECULATION", "sometimes")])
 def test_a_malformed_setting_on_one_rank_is_the_same_error_on_every_rank(variable, value):
     """Read on the last rank only: the others have nothing wrong to raise about, and must not wait."""

@@ -84,5 +84,5 @@ def test_resumed_at_a_starting_point_that_already_met_the_gradient_tolerance_it_
     assert (expected.iterations, expected.stopped) == (0, "gradient_tolerance")
     resumed = LocalWorkspace(fun, minimum)
     result = minimize(resumed, SETTINGS, start=states[-1])
-    assert (result.iterations, result.stopped) == (0, "gradient_tolerance")
+    assert (result.iterations, result.stopped, result.message) == (0, "gradient_tolerance", expected.message)
     assert resumed.evaluations == 0

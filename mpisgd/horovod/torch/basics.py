@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -58,9 +59,12 @@ def _env_number(name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,12 @@ def _agreed_settings(comm: Any) -> Settings:
     """:meth:`Settings.from_environment` on every rank of ``comm`` (an mpisgd Communicator), where a
     malformed variable on any rank is the same ValueError on every rank: a rank that raised alone
     would leave the others waiting in the coordinator's first cycle until the collective timeout."""
+    settings: Optional[Settings] = None
+    problem: Optional[str] = None
     try:
-        settings, problem = Settings.from_environment(), None
+        settings = Settings.from_environment()
     except ValueError as error:  # mpisgd.environment's ConfigError is one
-        settings, problem = None, str(error)
+        problem = str(error)
     problems = objects.allgather_objects(comm, problem, name="Horovod settings")
     bad = [f"rank {rank}: {text}" for rank, text in enumerate(problems) if text is not None]
     if bad or settings is None:
