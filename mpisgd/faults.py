@@ -169,36 +169,36 @@ def model_parallel_fault(rank: int) -> Optional[WorkerFault]:
     return parse_worker_fault(str(spec), rank, MODEL_PARALLEL_FAULT_VARIABLE) if spec else None
 
 
+_hook_calls: dict = {}  # variable -> how many times this process has passed its hook
+
+
+def _strike_at_call(variable: str, rank: int) -> None:
+    """Strike ``variable``'s fault (``rank:n:action[:seconds]``) at this process's n-th pass through its
+    hook (from 0; the strike's log line calls it a step)."""
+    number = _hook_calls.get(variable, 0)
+    _hook_calls[variable] = number + 1
+    spec = environment.read(variable)
+    fault = parse_worker_fault(str(spec), rank, variable) if spec else None
+    if fault is not None:
+        fault.strike(number)
+
+
 EVALUATION_FAULT_VARIABLE = "MPISGD_TEST_EVALUATION_FAULT"
-_evaluations_started = 0
 
 
 def evaluation_started(rank: int) -> None:
     """Hook at the start of every evaluation of world rank ``rank`` (call it on every rank): strikes
-    ``MPISGD_TEST_EVALUATION_FAULT=rank:n:action[:seconds]`` at this process's evaluation number n (from 0;
-    the strike's log line calls it a step)."""
-    global _evaluations_started
-    number, _evaluations_started = _evaluations_started, _evaluations_started + 1
-    spec = environment.read(EVALUATION_FAULT_VARIABLE)
-    fault = parse_worker_fault(str(spec), rank, EVALUATION_FAULT_VARIABLE) if spec else None
-    if fault is not None:
-        fault.strike(number)
+    ``MPISGD_TEST_EVALUATION_FAULT=rank:n:action[:seconds]`` at this process's evaluation number n."""
+    _strike_at_call(EVALUATION_FAULT_VARIABLE, rank)
 
 
 SHARD_GATHER_FAULT_VARIABLE = "MPISGD_TEST_SHARD_GATHER_FAULT"
-_shard_gathers_started = 0
 
 
 def shard_gather_started(rank: int) -> None:
     """Hook as a parameter server (world rank ``rank``) starts gathering the shards for a checkpoint or
-    the job's end: strikes ``MPISGD_TEST_SHARD_GATHER_FAULT=rank:n:action[:seconds]`` at this process's
-    gather number n (from 0; the strike's log line calls it a step)."""
-    global _shard_gathers_started
-    number, _shard_gathers_started = _shard_gathers_started, _shard_gathers_started + 1
-    spec = environment.read(SHARD_GATHER_FAULT_VARIABLE)
-    fault = parse_worker_fault(str(spec), rank, SHARD_GATHER_FAULT_VARIABLE) if spec else None
-    if fault is not None:
-        fault.strike(number)
+    the job's end: strikes ``MPISGD_TEST_SHARD_GATHER_FAULT=rank:n:action[:seconds]`` at its gather number n."""
+    _strike_at_call(SHARD_GATHER_FAULT_VARIABLE, rank)
 
 
 SANDBLASTER_FAULT_VARIABLE = "MPISGD_SANDBLASTER_FAULT"
