@@ -17,7 +17,30 @@ from mpisgd.downpour.board import JobBoard
 from mpisgd.downpour.rules import UpdateRule
 from mpisgd.downpour.server import ShardServer
 from mpisgd.downpour.windows import ParameterServerWindows, window_array
-from mpisgd.syncps.windows import SLOT_COUNTERS, SlotCounter, SlotWindows
+from mpisgd.syncps.windows import SLOT_COUNTERS, SlotCounter, SlotWindows, tag_pushes, tag_step
+
+
+class SlotLedger:
+    """What a server has seen of the workers' slot tags: each new push is an arrival when its tag is
+    for the step being gathered, else late. A push the worker overwrote before the server looked was
+    for a step applied without it (the worker pushes again only then), so it is late."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.seen = np.zeros(num_workers, dtype=np.int64)  # pushes accounted per worker
+
+    def note(self, tags: np.ndarray, step: int) -> tuple[list[int], int]:
+        """The workers (in index order) whose newest push in ``tags`` is new and for ``step``, and how
+        many of the new pushes are late."""
+        pushes, steps = tag_pushes(tags), tag_step(tags)
+        arrived, late = [], 0
+        for worker in np.flatnonzero(pushes > self.seen):
+            new = int(pushes[worker] - self.seen[worker])
+            self.seen[worker] = pushes[worker]
+            on_time = int(steps[worker]) == step
+            if on_time:
+                arrived.append(int(worker))
+            late += new - on_time
+        return arrived, late
 
 
 class SyncShardServer(ShardServer):
@@ -38,7 +61,7 @@ class SyncShardServer(ShardServer):
         self.wanted = self.num_workers - backup_workers
         self.slot_memory = window_array(slots.slots, np.float32).reshape(self.num_workers, self.size)
         self.version = 0  # steps completed (the VERSION counter)
-        self.accounted = np.zeros(self.num_workers, dtype=np.int64)  # last tag seen per worker
+        self.ledger = SlotLedger(self.num_workers)
         self.arrivals: list[int] = []  # workers whose gradient for step version+1 came, in order
         self.counts = np.zeros(SLOT_COUNTERS, dtype=np.int64)
         self._tags = np.zeros(self.num_workers, dtype=np.int64)
@@ -60,13 +83,9 @@ class SyncShardServer(ShardServer):
 
     def _collect(self) -> None:
         """Note the gradients tagged since the last look: for this step (in order of arrival), or late."""
-        for worker in np.flatnonzero(self._read_tags() > self.accounted):
-            tag = int(self._tags[worker])
-            self.accounted[worker] = tag
-            if tag == self.version + 1:
-                self.arrivals.append(int(worker))
-            else:  # for a step already applied
-                self.counts[SlotCounter.LATE] += 1
+        arrived, late = self.ledger.note(self._read_tags(), self.version + 1)
+        self.arrivals += arrived
+        self.counts[SlotCounter.LATE] += late
 
     def _quorum(self) -> int:
         """N-b, or fewer where fewer workers can still push for this step."""

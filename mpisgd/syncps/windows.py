@@ -4,9 +4,11 @@ push into its slot.
 
 Why slots and not Downpour's one accumulation buffer: a gradient that arrives after its step's first
 N-b must be discarded, and a sum cannot give one back. Each worker writes only its own slot, then the
-slot's tag (the step, i.e. the shard version the gradient was computed at plus one); the server sums
-the slots it accepts. A worker writes its slot again only after the shard has moved past the step of
-its last push, so no slot is written while the server reads it.
+slot's tag (the step, i.e. the shard version the gradient was computed at plus one, and how many
+pushes the worker has made, in one int64: :func:`slot_tag`); the server sums the slots it accepts. A
+worker writes its slot again only after the shard has moved past the step of its last push, so no slot
+is written while the server reads it. That push may have been overwritten before the server looked (a
+late one, under oversubscription); the push count in the tag lets the server count it late all the same.
 
 Consistent pulls: the server makes ``SEQUENCE`` odd while it updates the shard in place and even again
 after (a sequence lock); a pull that saw the same even value before and after reading holds one
@@ -39,6 +41,26 @@ class SlotCounter(IntEnum):
 
 SLOT_COUNTERS = len(SlotCounter)
 
+STEP_BITS = 32  # a tag's low bits hold the step, the high ones the worker's pushes (one atomic int64)
+
+
+def slot_tag(step: int, pushes: int) -> int:
+    """The tag of a worker's ``pushes``-th push, for ``step``: one int64, so that a reader never sees the
+    step of one push with the count of another (MPI makes only single elements atomic)."""
+    if not (0 <= step < 1 << STEP_BITS and 0 <= pushes < 1 << (63 - STEP_BITS)):
+        raise ValueError(f"sync-ps slot tag out of range: step {step}, pushes {pushes}")
+    return pushes << STEP_BITS | step
+
+
+def tag_step(tags: np.ndarray) -> np.ndarray:
+    """The steps of :func:`slot_tag` values."""
+    return tags & ((1 << STEP_BITS) - 1)
+
+
+def tag_pushes(tags: np.ndarray) -> np.ndarray:
+    """The push counts of :func:`slot_tag` values."""
+    return tags >> STEP_BITS
+
 
 class SlotWindows:
     """Create (collectively, on every rank of the job) the slot, tag and count windows of sync-ps.
@@ -63,6 +85,7 @@ class SlotWindows:
         self._read = np.zeros((self.layout.num_shards, SLOT_COUNTERS), dtype=np.int64)
         self._ignored = np.zeros(max(SLOT_COUNTERS, self.num_workers), dtype=np.int64)
         self._tag = np.zeros(1, dtype=np.int64)
+        self._pushes = 0  # this worker's pushes in this run
         self._freed = False
 
     # ---- a worker ---------------------------------------------------------------------------------
@@ -91,15 +114,17 @@ class SlotWindows:
         return wait_until(pulled, what="a consistent pull", backoff=Backoff(first=1e-5, longest=1e-3))
 
     def push(self, worker_index: int, grads: np.ndarray, steps: np.ndarray) -> None:
-        """Write ``grads`` into this worker's slot on every shard, then tag each with its step."""
+        """Write ``grads`` into this worker's slot on every shard, then tag each with its step (and
+        this worker's push count)."""
         win = self.windows
+        self._pushes += 1
         for shard in range(self.layout.num_shards):
             where = self.layout.shard_slice(shard)
             size = where.stop - where.start
             rank = win.server_rank(shard)
             self.slots.Put([grads[where], MPI.FLOAT], rank, (worker_index * size, size, MPI.FLOAT))
             self.slots.Flush(rank)  # the slot is complete at the server before its tag says so
-            self._tag[0] = steps[shard]
+            self._tag[0] = slot_tag(int(steps[shard]), self._pushes)
             self.tags.Accumulate([self._tag, MPI.INT64_T], rank, (worker_index, 1, MPI.INT64_T), op=MPI.REPLACE)
             self.tags.Flush(rank)
 
