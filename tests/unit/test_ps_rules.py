@@ -117,3 +117,20 @@ def test_a_server_in_its_own_session_lowers_its_priority_and_its_autogroups():
     untouched = subprocess.run([sys.executable, "-c", "print(open('/proc/self/autogroup').read().split()[-1])"],
                                capture_output=True, text=True, timeout=60, start_new_session=True)
     assert untouched.stdout.split() == ["0"]  # a new session starts at niceness 0 again
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="needs Linux autogroup scheduling")
+def test_a_server_started_in_its_launchers_session_moves_into_one_of_its_own():
+    """As Open MPI's launcher starts ranks: each a process-group leader in the launcher's session, where
+    os.nice within the one shared autogroup starved the servers. The rank moves into a session of its own,
+    leads its process group again (a launcher signalling the group still reaches it), and leaves the
+    launcher's autogroup as it was."""
+    probe = ("import os; from mpisgd.downpour.server import lower_cpu_priority; lower_cpu_priority(7); "
+             "print(os.getsid(0) == os.getpid(), os.getpgrp() == os.getpid(), os.getpriority(os.PRIO_PROCESS, 0), "
+             "open('/proc/self/autogroup').read().split()[-1])")
+    launcher_autogroup = Path("/proc/self/autogroup").read_text()
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            process_group=0)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "7", "7"]
+    assert Path("/proc/self/autogroup").read_text() == launcher_autogroup
