@@ -50,7 +50,7 @@ def main() -> None:
         paired = statistics.median(w / u for w, u in zip(medians["watched"], medians["unwatched"]))
         rows.append((nbytes, *(statistics.median(medians[n]) for n in calls), paired))
     if world.Get_rank() == 0:
-        print(f"p={world.Get_size()}  {MPI.Get_library_version().splitlines()[0]}")
+        print(f"p={world.Get_size()}  {MPI.Get_library_version().rstrip(chr(0)).splitlines()[0]}")
         print(f"{'size':>8} {'watched':>12} {'unwatched':>12} {'MPI_Allreduce':>14} {'watched/unwatched':>18} "
               f"{'paired':>7} {'watched/MPI':>12}")
         for nbytes, w, u, m, paired in rows:

@@ -21,6 +21,7 @@ place; this is the server's own guard against anything that reaches the buffer a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Callable
@@ -40,6 +41,8 @@ from mpisgd.downpour.windows import (
     ParameterServerWindows,
     window_array,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
 SHARED_MEMORY_IDLE_SLEEP_S = 0.0005
@@ -64,9 +67,9 @@ def network_path(*, remote_workers: bool) -> bool:
 
 def lower_cpu_priority(niceness: int) -> None:
     """Let workers that share this server's cores run first: a busy server then costs them no
-    throughput (measured: 0.75x -> 1.04x pull+push/s, 2 workers + 1 server on 2 cores; BENCHMARKS.md).
-    Only where workers reach the server through shared memory: on the network path their RMA needs the
-    server's polls, and a starved server stalls them (measured 0.11x).
+    throughput (measured under MPICH: 0.75x -> 1.04x pull+push/s, 2 workers + 1 server on 2 cores;
+    BENCHMARKS.md). Only where workers reach the server through shared memory: on the network path
+    their RMA needs the server's polls, and a starved server stalls them (measured 0.11x).
 
     Linux's autogroup scheduling shares the CPU between sessions first. MPICH's hydra starts every rank
     in a session of its own, where ``os.nice`` alone does nothing, so the rank lowers its autogroup's
@@ -74,31 +77,45 @@ def lower_cpu_priority(niceness: int) -> None:
     the one shared autogroup starved the servers (2 workers, 2 servers at niceness 10 on 2 cores: 45
     updates/s per shard instead of 500, 60 pushes folded into one Adagrad update, the stated accuracy
     after 1300-1700 pushes instead of 140). So the rank first moves into a session of its own
-    (:func:`lead_own_session`): ``--server-nice`` then means the same under every launcher.
+    (:func:`lead_own_session`) and lowers that autogroup, as under hydra (the workers stay in the
+    launcher's, so their figures still differ between the launchers: BENCHMARKS.md, section 11).
     """
     if niceness <= 0:
         return
     os.nice(niceness)
-    if lead_own_session():
-        try:
-            with open("/proc/self/autogroup", "w") as autogroup:
-                autogroup.write(str(niceness))
-        except OSError:  # no autogroup scheduling (or not Linux): os.nice was enough
-            pass
+    if not lead_own_session():
+        logger.info("--server-nice %d: this rank shares its launcher's session; its niceness counts only "
+                    "within that session's autogroup", niceness)
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as autogroup:
+            autogroup.write(str(niceness))
+    except OSError:  # no autogroup scheduling (or not Linux): os.nice was enough
+        pass
 
 
 def lead_own_session() -> bool:
     """Make this process the leader of a session (and so of an autogroup) of its own, unless it is one
-    already; False where it cannot. A process-group leader (as Open MPI starts its ranks) may not call
-    ``setsid``, so it first joins its parent's process group. Its process-group id is its pid again
-    afterwards: a launcher that signals the rank's group still reaches it."""
-    if os.getsid(0) == os.getpid():
+    already; False where it must not or cannot.
+
+    Only a process-group leader moves (Open MPI's launcher starts every rank as one, alone in its
+    group): its group id is its pid again afterwards, so a launcher that signals or tracks the rank's
+    group still reaches it. A process in someone else's group (a Slurm task: the step's tasks share
+    one group) stays there. ``setsid`` is refused to a group leader, so it first joins its parent's
+    group; where ``setsid`` still fails (another process in its group), it goes back to its own."""
+    pid = os.getpid()
+    if os.getsid(0) == pid:
         return True
+    if os.getpgrp() != pid:
+        return False
     try:
-        if os.getpgrp() == os.getpid():
-            os.setpgid(0, os.getpgid(os.getppid()))
+        os.setpgid(0, os.getpgid(os.getppid()))
+    except OSError:  # a parent in another session, or no permission
+        return False
+    try:
         os.setsid()
-    except OSError:  # a parent in another session, or no permission: stay where we are
+    except OSError:
+        os.setpgid(0, 0)  # back to leading its own group, with the processes still in it
         return False
     return True
 

@@ -1,5 +1,6 @@
 """Server update rules and DC-ASGD's delay compensation against values computed by hand."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +131,35 @@ def test_a_server_started_in_its_launchers_session_moves_into_one_of_its_own():
              "open('/proc/self/autogroup').read().split()[-1])")
     launcher_autogroup = Path("/proc/self/autogroup").read_text()
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                            process_group=0)
+                            preexec_fn=os.setpgrp)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True", "7", "7"]
     assert Path("/proc/self/autogroup").read_text() == launcher_autogroup
+
+
+# a rank that must stay in its launcher's session: whether it moved, whether it leads its group, whether its
+# group is still the one it started in, and its niceness
+STAYS = ("import os, subprocess, sys; from mpisgd.downpour.server import lower_cpu_priority; group = os.getpgrp(); "
+         "{setup}; lower_cpu_priority(7); "
+         "print(os.getsid(0) == os.getpid(), os.getpgrp() == os.getpid(), os.getpgrp() == group, "
+         "os.getpriority(os.PRIO_PROCESS, 0))")
+
+
+def test_a_server_sharing_its_group_with_another_process_stays_in_it():
+    """As Slurm starts a step's tasks: task 0 leads a group the other tasks are in. setsid is refused there,
+    and the rank ends in its own group again, not in its parent's; its niceness still applies."""
+    setup = "other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    probe = STAYS.format(setup=setup) + "; other.kill()"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            preexec_fn=os.setpgrp)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True", "7"]
+
+
+def test_a_server_in_its_launchers_process_group_stays_in_it():
+    """A rank that does not lead its process group (another Slurm task; a child of a shell) is tracked by
+    that group: it stays in it."""
+    result = subprocess.run([sys.executable, "-c", STAYS.format(setup="pass")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True", "7"]

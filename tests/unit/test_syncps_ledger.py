@@ -35,36 +35,34 @@ def test_a_push_overwritten_before_the_server_looked_is_counted_late():
 
 
 @settings(max_examples=300, deadline=None)
-@given(workers=st.integers(1, 4), events=st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.booleans()),
-                                                  max_size=60))
-def test_every_push_is_counted_once_whatever_the_interleaving(workers, events):
-    """Events: a push by a worker (for the step being gathered, or an older one), or a look by the server,
-    after which the step may advance. Each push is recorded; at a look, the newest push of each worker is
-    an arrival when unseen and for the step, and every other unseen push is late."""
+@given(workers=st.integers(1, 4), backups=st.integers(0, 3), turns=st.lists(st.integers(0, 5), max_size=80))
+def test_every_push_is_counted_once_in_the_protocol_whatever_the_interleaving(workers, backups, turns):
+    """The sync-ps protocol, simulated: a worker pushes for step version + 1 once the shard has passed the
+    step of its last push (mpisgd.syncps.worker), overwriting its slot's tag; the server looks at the tags
+    and applies a step once N - b gradients for it arrived (mpisgd.syncps.server). Each turn is one worker's
+    move or the server's look. At the end (the drain) every push is applied or late, each step applied
+    exactly N - b gradients, and each was for that step (the simulation's own record of every push)."""
+    backups = min(backups, workers - 1)
+    quorum = workers - backups
     ledger = SlotLedger(workers)
     tags = np.zeros(workers, dtype=np.int64)
-    pushes = [[] for _ in range(workers)]  # per worker: [step, seen] of each push, in order
-    step, arrivals, late = 1, 0, 0
-    expected_arrivals, expected_late = 0, 0
-    for is_push, who, old in events:
-        worker = who % workers
-        if is_push:
-            push_step = step - 1 if old and step > 1 else step
-            pushes[worker].append([push_step, False])
-            tags[worker] = slot_tag(push_step, len(pushes[worker]))
+    pushed_steps = [[] for _ in range(workers)]  # the step of each push, per worker
+    version, applied, late, arrivals = 0, 0, 0, []
+    for turn in turns:
+        if turn < workers:  # a worker's move, if its last step is past
+            if not pushed_steps[turn] or version >= pushed_steps[turn][-1]:
+                pushed_steps[turn].append(version + 1)
+                tags[turn] = slot_tag(version + 1, len(pushed_steps[turn]))
             continue
-        for records in pushes:
-            for index, record in enumerate(records):
-                if not record[1]:
-                    record[1] = True
-                    newest = index == len(records) - 1
-                    expected_arrivals += newest and record[0] == step
-                    expected_late += not (newest and record[0] == step)
-        arrived, counted_late = ledger.note(tags, step)
-        arrivals, late = arrivals + len(arrived), late + counted_late
-        assert arrived == sorted(arrived) and len(set(arrived)) == len(arrived)
-        assert (arrivals, late) == (expected_arrivals, expected_late)
-        if old:
-            step += 1
-    ledger_total = arrivals + late + ledger.note(tags, step + 1)[1]  # the drain: whatever is left is late
-    assert ledger_total == sum(len(records) for records in pushes)
+        if (turn - workers) % 2 == 0:  # the server reads the tags ...
+            arrived, counted_late = ledger.note(tags, version + 1)
+            arrivals, late = arrivals + arrived, late + counted_late
+        elif len(arrivals) >= quorum:  # ... and, in a later turn, applies the step (pushes may come between)
+            chosen, discarded = arrivals[:quorum], arrivals[quorum:]
+            assert all(pushed_steps[w][-1] == version + 1 for w in chosen), (chosen, pushed_steps)
+            applied, late, arrivals = applied + len(chosen), late + len(discarded), []
+            version += 1
+    arrived, counted_late = ledger.note(tags, version + 1)  # the drain: whatever is left is late
+    late += counted_late + len(arrivals + arrived)
+    assert applied == version * quorum
+    assert applied + late == sum(len(steps) for steps in pushed_steps)
