@@ -188,7 +188,44 @@ def run_plot(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that says 'mpisgd: error: ...' and exits 2, identically on every rank."""
+    """argparse that says 'mpisgd: error: ...' and exits 2, identically on every rank (and only once
+    every rank has said it: :func:`_leave_together`)."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        if _launched_tasks() > 1:
+            _leave_together()
+        sys.exit(EXIT_BAD_INPUT)
+
+
+#: how long ranks that failed alike wait for each other to have said why (:func:`_leave_together`)
+LEAVE_TOGETHER_S = 30.0
+
+
+def _launched_tasks() -> int:
+    """Tasks the MPI launcher started, from its variables (MPI itself is not started yet), else 1."""
+    import os
+
+    from mpisgd.preflight import STEP_SIZE_VARIABLES
+
+    counts = [os.environ.get(name, "").strip() for name, _ in STEP_SIZE_VARIABLES[:3]]
+    return max([int(c) for c in counts if c.isdigit()] or [1])
+
+
+def _leave_together() -> None:
+    """Ranks that fail alike (bad input, the same on every rank) exit only once every rank has printed its
+    error: Open MPI's launcher ends the job as soon as one rank exits non-zero, which cut a slower rank's
+    message off (seen in CI: 2 of 3 ranks said why). A barrier, waited on for at most LEAVE_TOGETHER_S;
+    a rank that never comes (it did not fail alike) ends the job instead."""
+    from mpi4py import MPI
+
+    from mpisgd.comm.abort import abort_world
+    from mpisgd.comm.wait import wait_until
+
+    request = MPI.COMM_WORLD.Ibarrier()
+    wait_until(request.Test, timeout=LEAVE_TOGETHER_S, what="the other ranks' errors",
+               on_timeout=lambda: abort_world(EXIT_BAD_INPUT))
 
 
 def positive_int(text: str) -> int:
@@ -345,6 +382,8 @@ def _fail(message: str, code: int, *, every_rank: bool) -> int:
     if size > 1 and not every_rank:
         from mpisgd.comm.abort import abort_world
         abort_world(code)
+    elif size > 1:
+        _leave_together()
     return code
 
 

@@ -138,6 +138,22 @@ def test_bad_input_is_a_clear_error_with_exit_2_on_every_rank(small_data, broken
     assert result.stdout.count(message) >= nprocs, result.stdout
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),  # argparse, before MPI starts
+    (["--batch-size", "0"], "--batch-size must be positive"),  # the configuration's check, MPI running
+])
+def test_a_bad_input_error_is_printed_by_every_rank_even_one_that_starts_late(small_data, flags, message):
+    """The last rank starts its command 3 s after the others (an MPMD launch: it sleeps first). Open MPI's
+    launcher ends the job as soon as one rank exits non-zero (a 3-rank run in CI lost one rank's message), so
+    the ranks that failed wait for each other before they exit (mpisgd.cli._leave_together)."""
+    command = [mpisgd_command(), "train", "--data", str(small_data[0]), "--val", str(small_data[1]),
+               "--no-progress", *flags]
+    late = ["sh", "-c", 'sleep 3; exec "$@"', "late-rank", *command]
+    result = run_mpi(2, [*command, ":", "-n", "1", *late], timeout=TIMEOUT)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.count(message) == 3, result.stdout
+
+
 def test_non_finite_gradients_stop_or_skip(tmp_path, small_data):
     stop = train(2, small_data, "--epochs", "2", "--lr", "1e30", "--momentum", "0")
     assert stop.returncode == 1, stop.stdout
