@@ -194,8 +194,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
-        if _launched_tasks() > 1:
-            _leave_together()
+        if _launched_tasks() > 1 and sys.argv[1:2] != ["plot"]:  # a plot never starts MPI
+            _leave_together(EXIT_BAD_INPUT)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -213,11 +213,11 @@ def _launched_tasks() -> int:
     return max([int(c) for c in counts if c.isdigit()] or [1])
 
 
-def _leave_together() -> None:
+def _leave_together(code: int) -> None:
     """Ranks that fail alike (bad input, the same on every rank) exit only once every rank has printed its
     error: Open MPI's launcher ends the job as soon as one rank exits non-zero, which cut a slower rank's
     message off (seen in CI: 2 of 3 ranks said why). A barrier, waited on for at most LEAVE_TOGETHER_S;
-    a rank that never comes (it did not fail alike) ends the job instead."""
+    a rank that never comes (it did not fail alike) ends the job instead, with ``code``."""
     from mpi4py import MPI
 
     from mpisgd.comm.abort import abort_world
@@ -225,7 +225,7 @@ def _leave_together() -> None:
 
     request = MPI.COMM_WORLD.Ibarrier()
     wait_until(request.Test, timeout=LEAVE_TOGETHER_S, what="the other ranks' errors",
-               on_timeout=lambda: abort_world(EXIT_BAD_INPUT))
+               on_timeout=lambda: abort_world(code))
 
 
 def positive_int(text: str) -> int:
@@ -382,8 +382,8 @@ def _fail(message: str, code: int, *, every_rank: bool) -> int:
     if size > 1 and not every_rank:
         from mpisgd.comm.abort import abort_world
         abort_world(code)
-    elif size > 1:
-        _leave_together()
+    elif size > 1 and code == EXIT_BAD_INPUT:  # bad input fails alike on every rank: say so on every rank
+        _leave_together(code)
     return code
 
 
