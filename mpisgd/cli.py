@@ -32,7 +32,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 #: a collective made no progress for --collective-timeout seconds: every live rank printed which ranks were
 #: missing, and the job was aborted (the missing ranks may never exit by themselves)
-EXIT_COLLECTIVE_TIMEOUT = 4
+EXIT_COLLECTIVE_TIMEOUT = CollectiveTimeout.exit_code
 
 
 def _print_rank0(comm, text: str) -> None:

@@ -37,6 +37,8 @@ class CollectiveTimeout(CommError):
     command the job then aborts (the missing ranks may never exit by themselves) with exit code 4."""
 
     every_rank = True
+    #: the exit code of a job ended by it (also of one whose blocking MPI call outlived the timeout)
+    exit_code = 4
 
 
 class CollectiveMismatchError(CommError):

@@ -82,12 +82,13 @@ class Communicator:
         self.watchdog.wait([duplicated])
         self._mpi: Optional[MPI.Comm] = duplicate
         # created whatever the settings (they may differ between ranks), so its collective creation matches
-        self._board: Optional[ArrivalBoard] = ArrivalBoard(self._mpi) if self.size > 1 else None
+        self._board: Optional[ArrivalBoard] = None
+        if self.size > 1:
+            with self.watchdog.blocking("start-up: create the arrival board"):
+                self._board = ArrivalBoard(self._mpi)
         self.watchdog.attach(self._board)
-        # MPI has no nonblocking split: a watched barrier right before it leaves a rank lost within
-        # microseconds of it as the only way to hang there
-        self.barrier(name="start-up: before the node split")
-        self._local: Optional[MPI.Comm] = self._mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        with self.watchdog.blocking("start-up: split the ranks by node"):  # MPI has no nonblocking split
+            self._local: Optional[MPI.Comm] = self._mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self._local.Get_rank()
         self.local_size = self._local.Get_size()
         self.num_nodes = int(self.allreduce_numbers(int(self.local_rank == 0), name="start-up: count the nodes")[0])
@@ -96,7 +97,8 @@ class Communicator:
         self.most_ranks_per_node = int(largest)
         self.uniform_nodes = -int(minus_smallest) == self.most_ranks_per_node
         # the same local rank on every node: the ranks that reduce the same block across nodes ("hier")
-        self._cross: Optional[MPI.Comm] = self._mpi.Split(self.local_rank, key=self.rank)
+        with self.watchdog.blocking("start-up: split the ranks across nodes"):
+            self._cross: Optional[MPI.Comm] = self._mpi.Split(self.local_rank, key=self.rank)
         self._workspace: dict = {}
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.oversubscribed = self.local_size > cores
@@ -153,11 +155,13 @@ class Communicator:
         collective of this process timed out the windows are only dropped: the ranks it waited for
         would never join their (collective) free, and an exit must not hang on them."""
         collective = not MPI.Is_finalized() and not timed_out()
-        if self._shm is not None and collective:
-            self._shm.free()
+        if collective and (self._shm is not None or self._board is not None):
+            with self.watchdog.blocking("free the windows"):  # MPI_Win_free synchronizes: under the deadline
+                if self._shm is not None:
+                    self._shm.free()
+                if self._board is not None:
+                    self._board.free()
         self._shm = None
-        if self._board is not None and collective:
-            self._board.free()
         self._board = self.watchdog.board = None
         for c in (self._cross, self._local, self._mpi):
             if c is not None and not MPI.Is_finalized():
@@ -273,7 +277,7 @@ class Communicator:
             error = None
             try:  # the same verdict on every rank of a node: its free space is agreed by MPI_MIN
                 self._shm = SharedMemoryAllreduce(self.local, self.config.shm_area_bytes, polite=self.polite,
-                                                  wait=self.watchdog.wait, watched=objects.Watched(self.local, self.wait))
+                                                  watchdog=self.watchdog, watched=objects.Watched(self.local, self.wait))
             except CommError as exc:
                 error = str(exc)
             # ... and across nodes, which run "hier" together: one node without a window refuses it for all

@@ -25,6 +25,7 @@ carries each node's vector once, split over all its ranks, instead of every rank
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable, Optional, cast
@@ -35,6 +36,7 @@ from mpi4py import MPI
 from mpisgd.arrays import HOST_OPS
 from mpisgd.comm import objects
 from mpisgd.comm.algorithms import block_bounds, wait_requests
+from mpisgd.comm.watchdog import Watchdog
 from mpisgd.errors import CommError
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,10 @@ class SharedMemoryAllreduce:
     """
 
     def __init__(self, comm: MPI.Comm, area_bytes: int, *, polite: bool,
-                 wait: Optional[Callable[[list], None]] = None, watched: Any = None) -> None:
+                 watchdog: Optional[Watchdog] = None, watched: Any = None) -> None:
         self.comm, self.polite = comm, polite
-        self.wait = wait  # the communicator's watchdog (its barriers have a deadline); None: MPI_Waitall
+        # the communicator's watchdog (its barriers and the window's creation have a deadline); None: MPI_Waitall
+        self.wait: Optional[Callable[[list], None]] = None if watchdog is None else watchdog.wait
         agree = watched if watched is not None else comm  # the creation's agreements (objects.Watched: watched)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.area_bytes = area_bytes - area_bytes % 8
@@ -70,8 +73,9 @@ class SharedMemoryAllreduce:
         windows, error = [], None
         try:
             node = cast(MPI.Intracomm, comm)  # a shared-memory split: an intracommunicator
-            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=node))
-            windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=node))
+            with watchdog.blocking("shared window: create") if watchdog else contextlib.nullcontext():
+                windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes, 1, comm=node))
+                windows.append(MPI.Win.Allocate_shared(2 * self.area_bytes if self.rank == 0 else 0, 1, comm=node))
         except MPI.Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         errors = [e for e in objects.allgather_objects(agree, error, name="shared window: allocation") if e]

@@ -22,6 +22,11 @@ seconds it marks itself as having given up, waits a moment for the other live ra
 (so that every live rank reports, before a launcher ends the job), and raises
 :class:`~mpisgd.errors.CollectiveTimeout`. ``timeout=0`` turns the watchdog off: waits then block
 in MPI (``MPI_Waitall``) as a plain MPI program's do.
+
+A few collectives have no nonblocking form in MPI (splitting or duplicating a communicator, creating
+an RMA window). :func:`blocking_collective` puts them under the same deadline from a timer thread
+(mpi4py lets go of the GIL inside them): past the timeout it says who has not arrived, where the board
+can tell, and ends the job with exit code 4, since no exception can reach a thread blocked in MPI.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import atexit
 import contextlib
 import dataclasses
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ from typing import Any, Callable, NamedTuple, Optional, cast
 from mpisgd import environment
 from mpisgd.comm.wait import Backoff, wait_until
 from mpisgd.errors import CollectiveTimeout, ConfigError
+from mpisgd.log import flush as flush_log
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +220,11 @@ def timed_out() -> bool:
 def _free_boards_at_exit() -> None:
     from mpi4py import MPI
 
-    if _timed_out or MPI.Is_finalized() or not MPI.Is_initialized():
+    if _timed_out or MPI.Is_finalized() or not MPI.Is_initialized() or not _live_boards:
         return
-    for board in list(_live_boards):
-        board.free()
+    with blocking_collective("exit: free the arrival boards"):
+        for board in list(_live_boards):
+            board.free()
 
 
 class Diagnosis(NamedTuple):
@@ -333,6 +342,11 @@ class Watchdog:
         finally:
             self.settings = saved
 
+    def blocking(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Enter the collective ``name``, a blocking MPI call, under the deadline (:func:`blocking_collective`)."""
+        self.enter(name)
+        return blocking_collective(name, self)
+
     # ---- the slow path ----------------------------------------------------------------------------
     def where(self) -> str:
         step = "" if self.step is None else f", step {self.step}"
@@ -397,6 +411,56 @@ class Watchdog:
             if all(slots[r].gave_up >= max(since, 1) for r in live):
                 break
             self.sleep(0.01)
+
+
+@contextlib.contextmanager
+def blocking_collective(what: str, watchdog: Optional[Watchdog] = None) -> Iterator[None]:
+    """Run a collective MPI call that has no nonblocking form (a communicator's split or duplicate, a
+    window's creation) under the collective timeout (``watchdog``'s settings, else the process's).
+
+    The calling thread sits inside MPI, where Python cannot act, so a timer thread keeps the deadline:
+    past the timeout it logs the error on this rank (naming who has not arrived where ``watchdog``'s
+    board can be read, which needs MPI_THREAD_MULTIPLE, mpi4py's default), waits briefly for the other
+    live ranks to give up too, and ends the job with exit code 4 (MPI_Abort; without
+    MPI_THREAD_MULTIPLE this process exits and its launcher ends the others). A call that returns in
+    time costs one thread's start."""
+    settings = watchdog.settings if watchdog is not None else WatchdogSettings.resolve()
+    if not settings.enabled:
+        yield
+        return
+    from mpi4py import MPI
+
+    multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    rank = MPI.COMM_WORLD.Get_rank() if watchdog is None else watchdog.world_ranks[watchdog.rank]
+    timer = threading.Timer(settings.timeout, _end_blocked_job, args=(what, rank, settings, watchdog, multiple))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _end_blocked_job(what: str, rank: int, settings: WatchdogSettings, watchdog: Optional[Watchdog],
+                     multiple: bool) -> None:
+    """The timer of :func:`blocking_collective`, in its own thread: the call is still blocked."""
+    global _timed_out
+    _timed_out = True
+    text = "which ranks are missing is unknown (a blocking MPI call)"
+    if watchdog is not None and watchdog.board is not None and multiple:
+        now = watchdog.read_board()
+        text, _ = watchdog.describe(now, None)
+        suspects = set(diagnose(watchdog.sequence, watchdog.rank, now or {}, None).not_arrived)
+        watchdog.await_the_others(suspects, watchdog.sequence, settings.timeout)
+    where = watchdog.where() if watchdog is not None else repr(what)
+    logger.critical("%s: no progress for %.1f s (collective timeout %g s) on rank %d, inside a blocking MPI call "
+                    "that nothing can interrupt: %s; ending the job (exit code %d)", where, settings.timeout,
+                    settings.timeout, rank, text, CollectiveTimeout.exit_code)
+    flush_log()
+    if multiple:
+        from mpisgd.comm.abort import abort_world
+        abort_world(CollectiveTimeout.exit_code)
+    os._exit(CollectiveTimeout.exit_code)
 
 
 class _StalledWait:

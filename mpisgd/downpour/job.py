@@ -171,7 +171,8 @@ def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System
     world = comm.mpi
     assert isinstance(world, MPI.Intracomm)  # the library's duplicate of COMM_WORLD
     remote_workers, idle_sleep = server_pacing(comm, roles)
-    role_comm = world.Split(0 if is_server else 1, comm.rank)
+    with comm.watchdog.blocking("parameter server: split the ranks by role"):
+        role_comm = world.Split(0 if is_server else 1, comm.rank)
     windows = ParameterServerWindows(world, roles, layout, buffer_size=sum(b.numel() for b in buffers))
     client = ParameterClient(windows)
     job = JobContext(cfg, comm, roles, layout, windows, client, JobBoard(client), role_comm, model, device,

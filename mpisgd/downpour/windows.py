@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from mpisgd.comm.watchdog import blocking_collective
 from mpisgd.downpour.board import BoardLayout
 from mpisgd.training.layout import Roles, ShardLayout
 
@@ -75,7 +76,8 @@ def _allocate(comm: MPI.Intracomm, count: int, dtype, info: dict | None = None) 
     itemsize = np.dtype(dtype).itemsize
     mpi_info = MPI.Info.Create(info) if info else MPI.INFO_NULL
     try:
-        return MPI.Win.Allocate(count * itemsize, itemsize, info=mpi_info, comm=comm)
+        with blocking_collective("parameter server: create a window"):
+            return MPI.Win.Allocate(count * itemsize, itemsize, info=mpi_info, comm=comm)
     finally:
         if info:
             mpi_info.Free()
@@ -85,8 +87,9 @@ def free_windows(windows: list) -> None:
     """Collective: end this rank's ``Lock_all`` epoch on each of ``windows``, then free them."""
     for win in windows:
         win.Unlock_all()
-    for win in windows:
-        win.Free()
+    with blocking_collective("parameter server: free the windows"):  # MPI_Win_free synchronizes
+        for win in windows:
+            win.Free()
 
 
 def window_array(win: MPI.Win, dtype: type) -> np.ndarray:
@@ -115,7 +118,8 @@ class ParameterServerWindows:
                  buffer_size: int = 0) -> None:
         if len(roles.servers) != layout.num_shards:
             raise ValueError(f"{len(roles.servers)} servers for {layout.num_shards} shards")
-        self.comm = comm.Dup()
+        with blocking_collective("parameter server: duplicate the communicator"):
+            self.comm = comm.Dup()
         self.roles, self.layout = roles, layout
         self.rank = self.comm.Get_rank()
         self.shard: int | None = roles.servers.index(self.rank) if self.rank in roles.servers else None
@@ -130,7 +134,8 @@ class ParameterServerWindows:
         self.board = _allocate(self.comm, self.board_layout.size if self.shard == 0 else 0, np.float64,
                                {"which_accumulate_ops": "replace,no_op"})
         self._windows = [self.params, *self.grads, self.control, self.board]
-        sizes = self.comm.allgather(own)  # collective like the allocations: what each shard really exposes
+        with blocking_collective("parameter server: the shards' sizes"):  # what each shard really exposes
+            sizes = self.comm.allgather(own)
         #: elements of the params and grads windows on the server of each shard, as that server allocated them
         self.exposed: tuple = tuple(int(sizes[rank]) for rank in roles.servers)
         for win in self._windows:

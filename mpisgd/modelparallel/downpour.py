@@ -149,8 +149,9 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
 
     world = comm.mpi
     assert isinstance(world, MPI.Intracomm)
-    role_comm = world.Split(0 if is_server else 1, comm.rank)
-    replica_comm = None if where is None else role_comm.Split(where.replica, comm.rank)
+    with comm.watchdog.blocking("model-parallel Downpour: split the ranks by role and replica"):
+        role_comm = world.Split(0 if is_server else 1, comm.rank)
+        replica_comm = None if where is None else role_comm.Split(where.replica, comm.rank)
     mp: Optional[ModelParallel] = None
     try:  # each replica cuts its own model (collective over its ranks); a bad setting fails everywhere
         if replica_comm is not None and where is not None:

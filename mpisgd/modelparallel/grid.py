@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 from mpi4py import MPI
 
 from mpisgd.comm import Communicator
+from mpisgd.comm.watchdog import blocking_collective
 from mpisgd.errors import SharedConfigError
 
 SUGGESTIONS = 4
@@ -82,13 +83,14 @@ class GridCommunicators:
 
     def __init__(self, world: MPI.Comm, shape: GridShape) -> None:
         self.shape = shape
-        self.world: Optional[MPI.Comm] = world.Dup()
-        self.where = shape.coordinates(self.world.Get_rank())
-        a, s, t = self.where
-        K, T = shape.stages, shape.splits
-        self.pipeline: Optional[MPI.Comm] = self.world.Split(color=a * T + t, key=s)
-        self.splits: Optional[MPI.Comm] = self.world.Split(color=a * K + s, key=t)
-        stage_mpi = self.world.Split(color=s * T + t, key=a)
+        with blocking_collective("model parallelism: split the ranks into the grid"):
+            self.world: Optional[MPI.Comm] = world.Dup()
+            self.where = shape.coordinates(self.world.Get_rank())
+            a, s, t = self.where
+            K, T = shape.stages, shape.splits
+            self.pipeline: Optional[MPI.Comm] = self.world.Split(color=a * T + t, key=s)
+            self.splits: Optional[MPI.Comm] = self.world.Split(color=a * K + s, key=t)
+            stage_mpi = self.world.Split(color=s * T + t, key=a)
         # the gradient mean goes through mpisgd's all-reduce (fused buckets, algorithm choice)
         self.stage: Optional[Communicator] = Communicator(stage_mpi)
         stage_mpi.Free()

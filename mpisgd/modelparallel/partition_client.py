@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpisgd.comm.wait import Backoff, wait_until
+from mpisgd.comm.watchdog import blocking_collective
 from mpisgd.downpour.client import NonFinitePushError
 from mpisgd.downpour.rules import UpdateRule
 from mpisgd.downpour.server import ShardServer
@@ -67,12 +68,13 @@ class AppliedPushes:
     """
 
     def __init__(self, comm: MPI.Intracomm, servers: tuple) -> None:
-        self.comm = comm.Dup()
         self.servers = servers
-        own = 1 if self.comm.Get_rank() in servers else 0
         info = MPI.Info.Create({"which_accumulate_ops": "replace,no_op"})
         try:
-            self.win = MPI.Win.Allocate(own * 8, 8, info=info, comm=self.comm)
+            with blocking_collective("model-parallel parameter server: create the counters' window"):
+                self.comm = comm.Dup()
+                own = 1 if self.comm.Get_rank() in servers else 0
+                self.win = MPI.Win.Allocate(own * 8, 8, info=info, comm=self.comm)
         finally:
             info.Free()
         self.win.Lock_all(MPI.MODE_NOCHECK)
@@ -103,7 +105,8 @@ class AppliedPushes:
         if self._freed or MPI.Is_finalized():
             return
         self.win.Unlock_all()
-        self.win.Free()
+        with blocking_collective("model-parallel parameter server: free the counters' window"):
+            self.win.Free()
         self.comm.Free()
         self._freed = True
 

@@ -259,3 +259,59 @@ def test_rank_frozen_under_the_horovod_api_fails_every_live_ranks_operation_nami
         raised = re.findall(rf"rank {live} raised HorovodInternalError: (.*?)(?=rank \d+ raised|$)", out, re.MULTILINE)
         assert raised, f"rank {live} did not raise:\n{out}"
         assert "CollectiveTimeout" in raised[0] and "rank 1" in raised[0], raised[0]
+
+
+BLOCKING_CREATION = textwrap.dedent("""
+    import os, signal, sys, time
+    import mpisgd
+    from mpisgd.downpour.windows import ParameterServerWindows
+    from mpisgd.training.layout import Roles, ShardLayout
+
+    comm = mpisgd.Communicator(timeout=float(sys.argv[1]), stall_warning=0)
+    case = sys.argv[2]
+    if comm.rank == 1:
+        if case == "slow":
+            print("rank 1 sleeping 2 s before the blocking call", flush=True)
+            time.sleep(2)
+        else:
+            print("rank 1 freezing before the blocking call", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+    if case == "windows":  # a library creation without a watchdog of its own (Dup, Win.Allocate)
+        windows = ParameterServerWindows(comm.mpi, Roles(servers=(0,), workers=(1, 2)), ShardLayout(8, 1))
+        windows.free()
+    else:  # MPI has no nonblocking split
+        with comm.watchdog.blocking("test: split"):
+            comm.mpi.Split(0, comm.rank).Free()
+    print(f"rank {comm.rank} done", flush=True)
+    comm.free()
+""")
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+@pytest.mark.parametrize("case", ["split", "windows"])
+def test_rank_frozen_before_a_blocking_creation_ends_the_job_with_every_live_ranks_report(tmp_path, case):
+    """MPI has no nonblocking split, duplicate or window creation: a timer thread keeps their deadline."""
+    script = tmp_path / "blocking.py"
+    script.write_text(BLOCKING_CREATION)
+    code, out = run_until_frozen(3, [sys.executable, str(script), str(COLLECTIVE_TIMEOUT_S), case], frozen_rank=1,
+                                 freeze_line="rank 1 freezing before the blocking call",
+                                 env={"MPISGD_COLLECTIVE_TIMEOUT": str(COLLECTIVE_TIMEOUT_S)})  # the process's
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for live in (0, 2):
+        reports = [line for line in out.splitlines() if f"on rank {live}, inside a blocking MPI call" in line]
+        assert reports, f"rank {live} did not report:\n{out}"
+        if case == "split":  # the communicator's arrival board says who is missing
+            assert "'test: split'" in reports[0] and "rank 1 has not arrived" in reports[0], reports[0]
+        else:
+            assert "'parameter server: duplicate the communicator'" in reports[0], reports[0]
+    assert "done" not in out
+
+
+@pytest.mark.timeout(300)
+def test_a_slow_rank_before_a_blocking_creation_is_waited_for(tmp_path):
+    script = tmp_path / "blocking.py"
+    script.write_text(BLOCKING_CREATION)
+    run = run_mpi(3, [sys.executable, str(script), str(COLLECTIVE_TIMEOUT_S), "slow"], timeout=240)
+    assert run.returncode == 0, run.stdout
+    assert all(f"rank {r} done" in run.stdout for r in range(3)), run.stdout
+    assert "inside a blocking MPI call" not in run.stdout

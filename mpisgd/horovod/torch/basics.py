@@ -22,6 +22,7 @@ from mpi4py import MPI
 
 from mpisgd import environment
 from mpisgd.comm import objects
+from mpisgd.comm.watchdog import blocking_collective
 from mpisgd.errors import CommError, SharedConfigError
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,8 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
             return
         if isinstance(comm, (list, tuple, range)):
             ranks = sorted(int(r) for r in comm)
-            comm = MPI.COMM_WORLD.Create_group(MPI.COMM_WORLD.Get_group().Incl(ranks))
+            with blocking_collective("horovod init: the communicator of the given ranks"):
+                comm = MPI.COMM_WORLD.Create_group(MPI.COMM_WORLD.Get_group().Incl(ranks))
         from mpisgd.horovod.torch import process_sets as process_sets_module
 
         _runtime = Runtime(comm, process_sets)

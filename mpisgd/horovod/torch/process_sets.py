@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from mpi4py import MPI
 
 from mpisgd.comm import AllreduceConfig, Communicator
+from mpisgd.comm.watchdog import blocking_collective
 
 
 class ProcessSet:
@@ -152,7 +153,8 @@ class ProcessSetTable:
             process_set.attach(existing[0].process_set_id, ranks)
             return process_set
         member = self.rank in ranks
-        sub = self._control.Split(0 if member else MPI.UNDEFINED, key=self.rank)
+        with blocking_collective("horovod add_process_set: split the ranks"):
+            sub = self._control.Split(0 if member else MPI.UNDEFINED, key=self.rank)
         communicator = Communicator(sub, config=NO_CHECK) if member else None
         if member:
             sub.Free()
