@@ -163,6 +163,7 @@ class Communicator:
                     self._board.free()
         self._shm = None
         self._board = self.watchdog.board = None
+        self._agreement.free()
         for c in (self._cross, self._local, self._mpi):
             if c is not None and not MPI.Is_finalized():
                 c.Free()
@@ -309,7 +310,7 @@ class Communicator:
             key = repr((call, fields))
         self._agreement.check(self, key, {"call": call, **fields})
 
-    def _checked_allreduce(self, work: Any, op: str, algorithm: str, name: str, shape: tuple) -> bool:
+    def _checked_allreduce(self, x: Any, work: Any, op: str, algorithm: str, name: str, shape: tuple) -> bool:
         """The mismatch check of ``allreduce_``; True when the payload travelled with it (and is reduced)."""
         n = len(work.flat)
         dtype = backend.reduction_dtype(name)
@@ -319,9 +320,13 @@ class Communicator:
         if (0 < nbytes < CARRY_BELOW_BYTES and self._agreement.can_carry(dtype, mpi_op)
                 and (algorithm == "native" or algorithm == "auto" and self.choose_algorithm(nbytes) == "native")):
             layout = Layout(n, dtype, mpi_op)
+        steady = None
+        if layout is not None and x.__class__ is np.ndarray:
+            steady = (Agreement.steady_key(x, op, algorithm), shape, op == "mean")
         carried = self._agreement.check(self, ("allreduce", op, algorithm, name, shape),
                                         {"call": "allreduce", "op": op, "algorithm": algorithm, "dtype": name,
-                                         "shape": shape}, work.flat if layout is not None else None, mpi_op, layout)
+                                         "shape": shape}, work.flat if layout is not None else None, mpi_op, layout,
+                                        steady)
         if carried and op == "mean":
             work.ops.divide_(work.flat, self.size)
         return carried
@@ -351,13 +356,15 @@ class Communicator:
     # ---- all-reduce ----------------------------------------------------------------------
     def allreduce_(self, x: Any, op: str = "sum", *, algorithm: str = "auto") -> Any:
         """Reduce ``x`` across ranks in place and return it (see :func:`mpisgd.allreduce_`)."""
+        if x.__class__ is np.ndarray and self._agreement.run_steady(self, x, op, algorithm):
+            return x  # a loop's small all-reduce, seen before (agreement.py)
         validate_op_and_algorithm(op, algorithm)
         name = backend.check_dtype(x)
         if op == "mean" and name.startswith("int"):
             raise ConfigError(f"op='mean' needs a floating dtype, got {name}")
         work = backend.work_buffer(x)
         if not (self.config.check_collectives and self.size > 1
-                and self._checked_allreduce(work, op, algorithm, name, tuple(x.shape))):
+                and self._checked_allreduce(x, work, op, algorithm, name, tuple(x.shape))):
             self.watchdog.enter("allreduce_")
             self._reduce_flat(work.flat, work.ops, op, algorithm)
         work.finish()

@@ -143,3 +143,56 @@ def test_a_failed_check_leaves_the_callers_array_untouched():
     with pytest.raises(CommError, match="op differs"):
         mpisgd.allreduce_(y, "min" if RANK == 0 else "sum")
     np.testing.assert_array_equal(y, np.full(64, float(RANK), dtype=np.float32))
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_the_steady_state_equals_mpi_for_half_precision_and_every_memory_layout(op):
+    """A numpy array carried before takes the steady state (agreement.py); float16 is reduced in float32
+    and rounded once, as MPI's float32 reduction of the ranks' float16 values rounded to float16; a
+    non-contiguous view of the same dtype and shape takes it too (only its own elements are written), and
+    a read-only array is refused, untouched."""
+    x = rank_data(64, "float16", salt=10)
+
+    def assert_reduced(reduced):
+        if order_free(np.float32, op):
+            np.testing.assert_array_equal(reduced, reference(x.astype(np.float32), op).astype(np.float16))
+        else:
+            assert_equals_mpi(reduced.astype(np.float32), x.astype(np.float32), op,
+                              rounded_to_eps=float(np.finfo(np.float16).eps))
+
+    for _ in range(3):  # the layout's call, the first carried one, then the steady state
+        reduced = x.copy()
+        mpisgd.allreduce_(reduced, op)
+        assert_reduced(reduced)
+    strided = np.zeros(128, dtype=np.float16)
+    strided[::2] = x
+    mpisgd.allreduce_(strided[::2], op)
+    assert_reduced(strided[::2])
+    np.testing.assert_array_equal(strided[1::2], 0)  # only the view's elements were written
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(mpisgd.ConfigError, match="read-only"):
+        mpisgd.allreduce_(frozen, op)
+    np.testing.assert_array_equal(frozen, x)
+
+
+def test_alternating_shapes_and_more_layouts_than_get_a_persistent_request_equal_mpi(monkeypatch):
+    """Every shape change moves the layout; past PERSISTENT_LAYOUTS layouts the messages are
+    nonblocking all-reduces instead of persistent ones, alike on every rank."""
+    from mpisgd.comm import agreement
+
+    monkeypatch.setattr(agreement, "PERSISTENT_LAYOUTS", 2)
+    comm = mpisgd.Communicator()
+    try:
+        for round_ in range(3):
+            for n in (5, 6, 7, 5):
+                x = rank_data(n, "float64", salt=20 + round_)
+                reduced = x.copy()
+                comm.allreduce_(reduced)
+                assert_equals_mpi(reduced, x, "sum")
+        messages = list(comm._agreement._messages.values())
+        if P > 1:
+            assert [m.request is not None for m in messages] == [True, True] + [False] * (len(messages) - 2)
+    finally:
+        comm.free()
+    assert all(m.request is None for m in messages), "free() left persistent requests"

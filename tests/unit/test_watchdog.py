@@ -196,6 +196,47 @@ def test_timeout_zero_waits_in_mpi():
     assert Request.waited
 
 
+class PersistentRequest:
+    """A persistent MPI request that completes at its ``done_after``-th Test after each Start."""
+
+    def __init__(self, done_after: float) -> None:
+        self.done_after, self.starts, self.tests, self.waited = done_after, 0, 0, False
+
+    def Start(self):
+        self.starts += 1
+        self.tests = 0
+
+    def Test(self):
+        self.tests += 1
+        return self.tests >= self.done_after
+
+    def Wait(self):
+        self.waited = True
+
+
+@pytest.mark.parametrize("done_after", [1, wd.FAST_POLLS, wd.FAST_POLLS + 5])
+def test_start_and_wait_enters_starts_once_and_waits_past_the_inline_polls(done_after):
+    dog, clock, board = _watchdog(lambda now: {})
+    request = PersistentRequest(done_after)
+    dog.start_and_wait("allreduce (argument check)", request)
+    assert (request.starts, request.tests, dog.sequence, board.mine[0]) == (1, done_after, 1, 1)
+    assert dog.name == "allreduce (argument check)"
+
+
+def test_start_and_wait_on_a_frozen_rank_times_out_naming_it():
+    dog, clock, board = _watchdog(lambda now: {1: Slot(0, NO_STEP, 0, 0), 2: Slot(1, NO_STEP, int(now * 100), 0)})
+    with pytest.raises(CollectiveTimeout, match="rank 1 has not arrived"):
+        dog.start_and_wait("allreduce (argument check)", PersistentRequest(float("inf")))
+    assert clock.now >= 5.0
+
+
+def test_start_and_wait_with_timeout_zero_waits_in_mpi():
+    dog = Watchdog(0, 2, WatchdogSettings(0.0, 0.0))
+    request = PersistentRequest(float("inf"))
+    dog.start_and_wait("allreduce", request)
+    assert request.waited and request.starts == 1 and request.tests == 0
+
+
 # ---- point-to-point waits (model-parallel stage-to-stage messages) ---------------------------------------
 
 def test_a_peer_wait_warns_then_times_out_naming_the_peer(caplog):
