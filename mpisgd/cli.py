@@ -194,23 +194,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
-        if _launched_tasks() > 1 and sys.argv[1:2] != ["plot"]:  # a plot never starts MPI
+        from mpisgd.preflight import launched_tasks
+
+        if launched_tasks() > 1 and sys.argv[1:2] != ["plot"]:  # a plot never starts MPI
             _leave_together(EXIT_BAD_INPUT)
         sys.exit(EXIT_BAD_INPUT)
 
 
 #: how long ranks that failed alike wait for each other to have said why (:func:`_leave_together`)
 LEAVE_TOGETHER_S = 30.0
-
-
-def _launched_tasks() -> int:
-    """Tasks the MPI launcher started, from its variables (MPI itself is not started yet), else 1."""
-    import os
-
-    from mpisgd.preflight import STEP_SIZE_VARIABLES
-
-    counts = [os.environ.get(name, "").strip() for name, _ in STEP_SIZE_VARIABLES[:3]]
-    return max([int(c) for c in counts if c.isdigit()] or [1])
 
 
 def _leave_together(code: int) -> None:

@@ -43,6 +43,13 @@ def _count(environ: Mapping[str, str], name: str) -> Optional[int]:
         return None
 
 
+def launched_tasks(environ: Optional[Mapping[str, str]] = None) -> int:
+    """Tasks an MPI launcher started, from its own variables (MPI need not be started), else 1."""
+    environ = os.environ if environ is None else environ
+    counts = [_count(environ, name) for name, _ in STEP_SIZE_VARIABLES[:3]]
+    return max([c for c in counts if c is not None] or [1])
+
+
 def launcher_mismatch(mpi_size: int, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """What is wrong when MPI sees one rank but the launcher started several tasks, else None.
 

@@ -475,6 +475,15 @@ def test_launcher_says_several_tasks_but_mpi_one_rank_is_an_error(monkeypatch, e
     preflight.check_launch(1, environ)
 
 
+@pytest.mark.parametrize("environ, tasks", [
+    ({}, 1), ({"PMI_SIZE": " 3 "}, 3), ({"OMPI_COMM_WORLD_SIZE": "4", "PMIX_SIZE": "4"}, 4),
+    ({"PMI_SIZE": "garbage"}, 1), ({"SLURM_STEP_NUM_TASKS": "5"}, 1),  # srun's own count is not an MPI launch
+])
+def test_launched_tasks_reads_the_mpi_launchers_variables(environ, tasks):
+    # what decides whether a bad command line waits for the other ranks before exiting (cli._Parser)
+    assert preflight.launched_tasks(environ) == tasks
+
+
 @pytest.mark.parametrize("environ", [
     {}, {"PMI_SIZE": "1"}, {"PMI_SIZE": "1", "SLURM_STEP_NUM_TASKS": "2"}, {"PMI_SIZE": "garbage"},
 ])
