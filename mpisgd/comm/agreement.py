@@ -4,7 +4,7 @@ Every checked call (``check_collectives``, the default) makes sure that every ra
 collective alike (call, op, algorithm, dtype, shape) before any rank trusts its result: ranks that
 called with different shapes would otherwise wait for each other forever. A separate check message
 in front of the payload doubles the latency of a small all-reduce, so the check rides in the payload's
-message instead (one ``MPI_Iallreduce``) whenever that is safe:
+message instead (one all-reduce) whenever that is safe:
 
 * **The first collective of every checked call is the same on every rank, whatever each rank was
   called with:** an all-reduce of the *agreed layout* ``(count, dtype, op)``: :data:`SIGNATURE`
@@ -36,7 +36,8 @@ call on every rank, since layouts change only on agreed calls), and restarted by
 which spares MPI's set-up of a nonblocking collective. Every rank uses the same kind of request for
 the same message (MPI does not match a persistent collective with a nonblocking one): a library
 without persistent collectives, or a job past :data:`PERSISTENT_LAYOUTS` layouts, uses
-``MPI_Iallreduce`` alike on every rank. The requests are freed with the communicator (its ``free``).
+``MPI_Iallreduce`` alike on every rank; past them only the latest layout's message is kept, so memory
+stays bounded. The requests are freed with the communicator (its ``free``).
 
 **The steady state** (:meth:`Agreement.run_steady`): a numpy array whose (dtype, shape, op, algorithm)
 was carried before in the current layout skips the description, the dtype checks and the work
@@ -148,17 +149,25 @@ class Agreement:
         self._messages: dict = {}  # layout -> Message, in the order every rank made them
         self._steady: dict = {}  # (dtype, shape, op, algorithm) -> SteadyCall of the current layout
         self._persistent = True  # until the library says it has no persistent collectives
+        self._overflow: Optional[Message] = None  # the latest layout's message past PERSISTENT_LAYOUTS
 
     def _message(self, comm: Communicator) -> Message:
+        """The current layout's message: kept for the first PERSISTENT_LAYOUTS layouts (persistent where
+        MPI can), beyond them one more, of the latest layout (nonblocking), so memory stays bounded."""
         message = self._messages.get(self.layout)
+        if message is None and self._overflow is not None and self._overflow.layout == self.layout:
+            message = self._overflow
         if message is None:
-            persistent = self._persistent and len(self._messages) < PERSISTENT_LAYOUTS
+            kept = len(self._messages) < PERSISTENT_LAYOUTS
             try:
-                message = Message(comm, self.layout, persistent)
+                message = Message(comm, self.layout, kept and self._persistent)
             except NotImplementedError:  # the same library on every rank: they all fall back alike
                 self._persistent = False
                 message = Message(comm, self.layout, False)
-            self._messages[self.layout] = message
+            if kept:
+                self._messages[self.layout] = message
+            else:
+                self._overflow = message
         return message
 
     @staticmethod
@@ -194,6 +203,7 @@ class Agreement:
         for message in self._messages.values():
             message.free()
         self._messages.clear()
+        self._overflow = None
         self._steady.clear()
 
     def can_carry(self, dtype: str, op: str) -> bool:

@@ -155,6 +155,7 @@ class Communicator:
         collective of this process timed out the windows are only dropped: the ranks it waited for
         would never join their (collective) free, and an exit must not hang on them."""
         collective = not MPI.Is_finalized() and not timed_out()
+        self.watchdog.board = None  # a timed-out free must not read the board it is freeing
         if collective and (self._shm is not None or self._board is not None):
             with self.watchdog.blocking("free the windows"):  # MPI_Win_free synchronizes: under the deadline
                 if self._shm is not None:
@@ -296,7 +297,7 @@ class Communicator:
     def check_agreement(self, call: str, **fields: Any) -> None:
         """Raise the same CommError on every rank if ranks called ``call`` with different fields.
 
-        Costs one small MPI_Iallreduce of the call's signature (:mod:`mpisgd.comm.agreement`, which a
+        Costs one small all-reduce of the call's signature (:mod:`mpisgd.comm.agreement`, which a
         small all-reduce's payload rides along in); only on disagreement are the descriptions gathered
         to name the ranks and fields that differ. Without it, ranks calling a collective with
         different shapes would wait for each other forever.

@@ -335,8 +335,9 @@ class Watchdog:
         """Poll ``ready()`` for point-to-point traffic with ``peers`` (COMM_WORLD ranks, named in reports):
         stall warnings and :class:`~mpisgd.errors.CollectiveTimeout` as for collectives, naming ``what`` and
         the peers. ``timeout`` replaces the settings' (0: no deadline, and no warnings: polled forever).
-        ``agree=False``: at the timeout, raise at once instead of first waiting (briefly) for the other live
-        ranks to time out too: for waits the ranks outside ``peers`` never share (a sub-communicator's)."""
+        ``agree=False``: for waits the ranks outside ``peers`` never share (a sub-communicator's, such as the
+        servers' own collectives): at the timeout, wait only for the peers that also time out
+        (:meth:`await_the_group`), and name the peers whose heartbeat stood still."""
         settings = self.settings if timeout is None else dataclasses.replace(self.settings, timeout=timeout)
         backoff = backoff or Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
                                      clock=self.clock, sleep=self.sleep)
@@ -426,6 +427,45 @@ class Watchdog:
                 break
             self.sleep(0.01)
 
+    def await_the_group(self, peers: set, timeout: float) -> list:
+        """At the timeout of a wait that only ``peers`` (board indices) share, whose missing members the
+        collective sequence numbers cannot tell: mark this rank as given up, then wait (at most
+        :data:`AGREE_S`) until every peer has either given up too or shown a still heartbeat (a waiting
+        rank beats it every ``beat_s``), and no peer has newly given up for :meth:`quiet_s`. So every peer
+        that times out in the same wait reports before the first one's exit ends the job: each sees the
+        last give-up at about the same time, so all leave together. Returns the peers (world ranks) that
+        neither gave up nor beat: stopped, or not in this wait."""
+        global _timed_out
+        _timed_out = True
+        if self.board is None:
+            return []
+        self.board.give_up(max(self.sequence, 1))
+        start = last_give_up = self.clock()
+        first = self.board.read(BOARD_READ_S, self.clock)
+        given, beating = set(), set()
+        while True:
+            slots = self.board.read(BOARD_READ_S, self.clock)
+            now = self.clock()
+            for peer in peers:
+                slot, before = slots.get(peer), first.get(peer)
+                if slot is None:
+                    continue
+                if slot.gave_up > 0 and peer not in given:
+                    given.add(peer)
+                    last_give_up = now
+                if before is not None and slot.heartbeat != before.heartbeat:
+                    beating.add(peer)
+            observed = now >= start + self.quiet_s()  # long enough to have seen a waiting peer's heartbeat
+            settled = all(peer in given or (observed and peer not in beating) for peer in peers)
+            if settled and now >= last_give_up + self.quiet_s() or now >= start + min(AGREE_S, timeout):
+                break
+            self.sleep(0.01)
+        return sorted(self.world_ranks[p] for p in peers - given - beating)
+
+    def quiet_s(self) -> float:
+        """How long without a new give-up ends :meth:`await_the_group`: two heartbeats of a waiting rank."""
+        return 2 * self.settings.beat_s + 0.05
+
 
 @contextlib.contextmanager
 def blocking_collective(what: str, watchdog: Optional[Watchdog] = None) -> Iterator[None]:
@@ -448,7 +488,11 @@ def blocking_collective(what: str, watchdog: Optional[Watchdog] = None) -> Itera
     rank = MPI.COMM_WORLD.Get_rank() if watchdog is None else watchdog.world_ranks[watchdog.rank]
     timer = threading.Timer(settings.timeout, _end_blocked_job, args=(what, rank, settings, watchdog, multiple))
     timer.daemon = True
-    timer.start()
+    try:
+        timer.start()
+    except RuntimeError:  # Python 3.12+ starts no thread at interpreter exit (atexit frees): no deadline then
+        yield
+        return
     try:
         yield
     finally:
@@ -462,10 +506,13 @@ def _end_blocked_job(what: str, rank: int, settings: WatchdogSettings, watchdog:
     _timed_out = True
     text = "which ranks are missing is unknown (a blocking MPI call)"
     if watchdog is not None and watchdog.board is not None and multiple:
-        now = watchdog.read_board()
-        text, _ = watchdog.describe(now, None)
-        suspects = set(diagnose(watchdog.sequence, watchdog.rank, now or {}, None).not_arrived)
-        watchdog.await_the_others(suspects, watchdog.sequence, settings.timeout)
+        try:  # the diagnosis is a courtesy: whatever it raises, the job must still end
+            now = watchdog.read_board()
+            text, _ = watchdog.describe(now, None)
+            suspects = set(diagnose(watchdog.sequence, watchdog.rank, now or {}, None).not_arrived)
+            watchdog.await_the_others(suspects, watchdog.sequence, settings.timeout)
+        except Exception as error:  # noqa: BLE001
+            text = f"which ranks are missing is unknown (reading the arrival board failed: {error})"
     where = watchdog.where() if watchdog is not None else repr(what)
     logger.critical("%s: no progress for %.1f s (collective timeout %g s) on rank %d, inside a blocking MPI call "
                     "that nothing can interrupt: %s; ending the job (exit code %d)", where, settings.timeout,
@@ -528,9 +575,17 @@ class _PeerWait:
             dog.board.beat()
         if waited >= settings.timeout:
             suspects = {i for i, world in enumerate(dog.world_ranks) if world in self.peers}
-            dog.await_the_others(suspects, 0, settings.timeout if self.agree else 0.0)
+            still = ""
+            if self.agree:
+                dog.await_the_others(suspects, 0, settings.timeout)
+            elif len(self.peers) > 1:
+                frozen = dog.await_the_group(suspects, settings.timeout)
+                if frozen:
+                    still = f" (the heartbeat of {_names(frozen)} stood still: stopped, or not in this wait)"
+            else:  # the one peer is the one missing: only say so on the board
+                dog.await_the_others(suspects, 0, 0.0)
             raise CollectiveTimeout(f"{self.what}: no progress for {waited:.1f} s (collective timeout "
-                                    f"{settings.timeout:g} s) on rank {me}: {self.missing()}")
+                                    f"{settings.timeout:g} s) on rank {me}: {self.missing()}{still}")
         if waited >= self.next_warning:
             logger.warning("stall: %s has waited %.1f s on rank %d: %s", self.what, waited, me, self.missing())
             while self.next_warning <= waited:

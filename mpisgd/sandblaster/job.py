@@ -160,7 +160,8 @@ def train_sandblaster(cfg: TrainConfig, comm: Communicator) -> dict:
         loaded = resume_from_checkpoint(cfg, comm, lambda saved: _restore(cfg, saved, layout.num_params))
         resumed = None if loaded is None else loaded[1]
     portions = Portions(data.train.num_samples, cfg.portion_size)
-    run_comm = comm.mpi.Dup()  # the run's own message space: no tag can meet another component's
+    with comm.watchdog.blocking("sandblaster: duplicate the communicator"):
+        run_comm = comm.mpi.Dup()  # the run's own message space: no tag can meet another component's
     role = roles.role_of(comm.rank)
     with _survive_hydra_notifications():
         if role == SERVER:

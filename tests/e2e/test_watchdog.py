@@ -189,20 +189,40 @@ def test_rank_frozen_at_evaluation_is_named_by_every_live_rank(data):
     assert not error_lines(out, 1)
 
 
+def downpour_with_server_1_frozen_at_the_shard_gather(data, *, servers: int) -> tuple:
+    """A Downpour job of ``servers`` servers and 2 workers whose server 1 stops as it starts the end-of-job
+    gather of the shards (its first: no checkpoint before it); (exit code, output)."""
+    return run_until_frozen(
+        servers + 2, [mpisgd_command(), "train", "--strategy", "downpour", "--servers", str(servers), "--data",
+                      str(data), "--epochs", "1", "--batch-size", "16", "--hidden", "8", "--no-progress",
+                      "--collective-timeout", str(COLLECTIVE_TIMEOUT_S), "--stall-warning", "1"],
+        frozen_rank=1, freeze_line="freezing (SIGSTOP) at step 0", env={SHARD_GATHER_FAULT_VARIABLE: "1:0:freeze"})
+
+
 @pytest.mark.timeout(START_TIMEOUT_S + 120)
 def test_server_frozen_at_the_end_of_a_downpour_job_is_named_by_server_0(data):
     """Servers 0 and 1, workers 2 and 3: server 1 stops as it starts the end-of-job gather of the shards
     (its first: no checkpoint before it), which server 0 waits in; the workers have no part in it."""
-    code, out = run_until_frozen(
-        4, [mpisgd_command(), "train", "--strategy", "downpour", "--servers", "2", "--data", str(data),
-            "--epochs", "1", "--batch-size", "16", "--hidden", "8", "--no-progress", "--collective-timeout",
-            str(COLLECTIVE_TIMEOUT_S), "--stall-warning", "1"],
-        frozen_rank=1, freeze_line="freezing (SIGSTOP) at step 0", env={SHARD_GATHER_FAULT_VARIABLE: "1:0:freeze"})
+    code, out = downpour_with_server_1_frozen_at_the_shard_gather(data, servers=2)
     assert code == EXIT_COLLECTIVE_TIMEOUT, out
     errors = error_lines(out, 0)
     assert errors, f"server 0 did not report:\n{out}"
     assert "parameter servers: shard params" in errors[0] and "waiting for rank 1" in errors[0], errors[0]
     assert "[rank 0] warning: stall: parameter servers" in out
+    assert not error_lines(out, 1)
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 120)
+def test_with_three_servers_every_live_server_reports_the_frozen_one(data):
+    """Servers 0, 1 and 2, workers 3 and 4: server 1 stops at the end-of-job gather of the shards. Servers 0
+    and 2 each time out in a servers-only collective; the first to time out waits for the other (whose
+    heartbeat moves) before its exit ends the job, so both report, and both name server 1's still heartbeat."""
+    code, out = downpour_with_server_1_frozen_at_the_shard_gather(data, servers=3)
+    assert code == EXIT_COLLECTIVE_TIMEOUT, out
+    for server in (0, 2):
+        errors = error_lines(out, server)
+        assert errors, f"server {server} did not report:\n{out}"
+        assert "parameter servers" in errors[0] and "the heartbeat of rank 1 stood still" in errors[0], errors[0]
     assert not error_lines(out, 1)
 
 

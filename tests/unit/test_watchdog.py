@@ -266,6 +266,52 @@ def test_a_slow_peer_is_warned_about_but_its_message_is_taken(caplog):
     assert len([r for r in caplog.records if "stall" in r.getMessage()]) == 3
 
 
+# ---- the servers' own collectives: a group whose missing members no sequence number names -------------
+
+def _servers(gives_up_at, *, size=5):
+    """Board indices 1 and 2 are our fellow servers, 3 and 4 workers that never join: server 1 is frozen
+    (a still heartbeat), server 2 waits with us (it beats) and gives up at ``gives_up_at`` (None: never)."""
+    def others(now):
+        gave_up = 1 if gives_up_at is not None and now >= gives_up_at else 0
+        beat = int(min(now, gives_up_at or now) * 100)  # a rank that gave up stops beating
+        return {1: Slot(4, NO_STEP, 7, 0), 2: Slot(4, NO_STEP, beat, gave_up), 3: Slot(9, 3, 0, 0),
+                4: Slot(9, 3, 0, 0)}
+    return _watchdog(others, timeout=5.0, stall_warning=0.2, size=size)
+
+
+def _time_out_among_servers(dog):
+    with pytest.raises(CollectiveTimeout) as raised:
+        dog.wait_for_peers(lambda: False, what="parameter servers: shard params", peers=[1, 2], agree=False)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("gives_up_at", [4.9, 5.0, 6.5])
+def test_a_server_that_times_out_waits_for_the_fellow_server_that_also_waits_and_names_the_frozen_one(gives_up_at):
+    dog, clock, board = _servers(gives_up_at)
+    message = _time_out_among_servers(dog)
+    assert "waiting for ranks 1, 2" in message
+    assert "the heartbeat of rank 1 stood still" in message and "rank 2 stood" not in message
+    assert board.mine[3] > 0
+    # it left only once server 2 had given up too, and no later than quiet_s after that (or after its own)
+    assert max(gives_up_at, 5.0) <= clock.now <= max(gives_up_at, 5.0) + dog.quiet_s() + 0.1
+
+
+def test_a_fellow_server_that_beats_but_never_gives_up_is_waited_for_at_most_agree_s():
+    dog, clock, board = _servers(None)
+    message = _time_out_among_servers(dog)
+    assert "the heartbeat of rank 1 stood still" in message
+    assert 5.0 + wd.AGREE_S <= clock.now <= 5.0 + wd.AGREE_S + 0.1
+
+
+def test_when_every_fellow_server_is_frozen_the_timeout_costs_only_the_quiet_time():
+    def others(now):
+        return {1: Slot(4, NO_STEP, 7, 0), 2: Slot(4, NO_STEP, 3, 0)}
+    dog, clock, board = _watchdog(others, timeout=5.0, stall_warning=0.2)
+    message = _time_out_among_servers(dog)
+    assert "the heartbeat of ranks 1, 2 stood still" in message
+    assert clock.now <= 5.0 + dog.quiet_s() + 0.1
+
+
 def test_a_peer_wait_with_timeout_zero_never_gives_up():
     dog, clock, board = _watchdog(lambda now: {}, timeout=5.0, stall_warning=0.5)
     got = dog.wait_for_peers(lambda: clock.now >= 50.0, what="x", peers=[1], timeout=0)  # ten times the timeout

@@ -52,7 +52,8 @@ class Coordinator:
     """Negotiates and runs the collectives of one Horovod runtime."""
 
     def __init__(self, communicator: Communicator, process_sets: ProcessSetTable, settings: Settings) -> None:
-        self.comm = communicator.mpi.Dup()  # the coordinator's own: nothing else sends on it
+        with communicator.watchdog.blocking("horovod init: duplicate the coordinator's communicator"):
+            self.comm = communicator.mpi.Dup()  # the coordinator's own: nothing else sends on it
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.settings = settings
         self.negotiator = Negotiator(self.size, cache_capacity=settings.cache_capacity,

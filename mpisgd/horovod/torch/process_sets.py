@@ -105,7 +105,8 @@ class ProcessSetTable:
 
     def __init__(self, communicator: Communicator) -> None:
         self.rank, self.size = communicator.rank, communicator.size
-        self._control = communicator.mpi.Dup()  # set creation's own messages, apart from the coordinator's
+        with communicator.watchdog.blocking("horovod init: duplicate the communicator for process sets"):
+            self._control = communicator.mpi.Dup()  # set creation's own messages, apart from the coordinator's
         self._lock = threading.Lock()
         self._sets = {0: RegisteredSet(0, tuple(range(self.size)), Communicator(communicator.mpi, config=NO_CHECK))}
         self._next_id = 1
