@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mpisgd import _deprecated
-from mpisgd.errors import CollectiveTimeout, CommError, ConfigError, MpisgdError
+from mpisgd.errors import CollectiveTimeout, CommError, ConfigError, MpisgdError, UnfinishedCollective
 
 _deprecated.install()
 
@@ -91,4 +91,4 @@ def broadcast_(x: Any, root: int = 0, *, comm: Any = None, timeout: Optional[flo
 
 __all__ = ["AllreduceConfig", "CollectiveTimeout", "CommError", "Communicator", "ConfigError", "DistributedOptimizer", "ModelParallel",
            "MpisgdError", "NonFiniteGradientError", "__version__", "allreduce", "allreduce_", "allreduce_many_", "broadcast_",
-           "broadcast_optimizer_state", "broadcast_parameters", "get_communicator"]
+           "broadcast_optimizer_state", "broadcast_parameters", "get_communicator", "UnfinishedCollective"]

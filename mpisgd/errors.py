@@ -41,6 +41,15 @@ class CollectiveTimeout(CommError):
     exit_code = 4
 
 
+class UnfinishedCollective(CollectiveTimeout):
+    """A collective was called on a communicator whose earlier collective never finished on this rank (it
+    timed out, or its wait was interrupted, e.g. by Ctrl-C). MPI cannot cancel a collective, so any later
+    one on that communicator would be matched with the wrong calls of the other ranks (or restart a
+    request still active): it is refused instead, naming the unfinished one. End the job."""
+
+    every_rank = False  # only the ranks that left the earlier one unfinished know
+
+
 class CollectiveMismatchError(CommError):
     """The ranks called a collective with different arguments; detected and raised on every rank."""
 

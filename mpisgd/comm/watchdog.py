@@ -24,9 +24,7 @@ seconds it marks itself as having given up, waits a moment for the other live ra
 in MPI (``MPI_Waitall``) as a plain MPI program's do.
 
 A few collectives have no nonblocking form in MPI (splitting or duplicating a communicator, creating
-an RMA window). :func:`blocking_collective` puts them under the same deadline from a timer thread
-(mpi4py lets go of the GIL inside them): past the timeout it says who has not arrived, where the board
-can tell, and ends the job with exit code 4, since no exception can reach a thread blocked in MPI.
+an RMA window): :mod:`mpisgd.comm.blocking` puts them under the same deadline from a timer thread.
 """
 
 from __future__ import annotations
@@ -35,17 +33,15 @@ import atexit
 import contextlib
 import dataclasses
 import logging
-import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, cast
 
 from mpisgd import environment
+from mpisgd.comm.blocking import blocking_collective
 from mpisgd.comm.wait import Backoff, wait_until
-from mpisgd.errors import CollectiveTimeout, ConfigError
-from mpisgd.log import flush as flush_log
+from mpisgd.errors import CollectiveTimeout, ConfigError, UnfinishedCollective
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +208,15 @@ _live_boards: list[ArrivalBoard] = []
 _timed_out = False
 
 
+def mark_timed_out() -> None:
+    """Say that a collective of this process timed out or was left unfinished (see :func:`timed_out`)."""
+    global _timed_out
+    _timed_out = True
+
+
 def timed_out() -> bool:
-    """Whether a collective of this process has timed out (cleanup code then must not wait for peers)."""
+    """Whether a collective of this process has timed out or was left unfinished (cleanup code then must not
+    wait for peers)."""
     return _timed_out
 
 
@@ -277,6 +280,7 @@ class Watchdog:
         self.sequence = 0
         self.name = ""
         self.step: Optional[int] = None  # set by whoever knows the training step (DistributedOptimizer)
+        self.unfinished: Optional[str] = None  # the collective whose wait an exception ended (it may be active)
 
     def attach(self, board: Any) -> None:
         """Use ``board`` from now on (a communicator's start-up is watched before its board exists)."""
@@ -285,7 +289,11 @@ class Watchdog:
 
     # ---- the fast path ----------------------------------------------------------------------------
     def enter(self, name: str) -> None:
-        """A collective named ``name`` starts on this rank: publish its sequence number (a local store)."""
+        """A collective named ``name`` starts on this rank: publish its sequence number (a local store).
+        Refused (:class:`~mpisgd.errors.UnfinishedCollective`) once a collective was left unfinished."""
+        if self.unfinished is not None:
+            raise UnfinishedCollective(f"{name!r} cannot start on rank {self.world_ranks[self.rank]}: "
+                                       f"{self.unfinished}")
         self.sequence += 1
         self.name = name
         if self.board is not None:
@@ -303,10 +311,7 @@ class Watchdog:
         else:
             def done() -> bool:
                 return requests[0].Testall(requests)
-        for _ in _FAST_POLLS:
-            if done():
-                return
-        self.wait_for(done)
+        self._poll_then_wait(done)
 
     def start_and_wait(self, name: str, request: Any) -> None:
         """:meth:`enter` ``name``, start the persistent MPI ``request`` and :meth:`wait` for it: a repeated
@@ -316,18 +321,40 @@ class Watchdog:
         if self.settings.timeout <= 0:
             request.Wait()
             return
-        test = request.Test
-        for _ in _FAST_POLLS:
-            if test():
-                return
-        self.wait_for(test)
+        self._poll_then_wait(request.Test)
+
+    def _poll_then_wait(self, done: Callable[[], bool]) -> None:
+        """A few inline polls (where a small collective completes), then :meth:`wait_for`."""
+        try:
+            for _ in _FAST_POLLS:
+                if done():
+                    return
+            self.wait_for(done)
+        except (CollectiveTimeout, KeyboardInterrupt) as error:  # also one that struck in the inline polls
+            self.leave_unfinished(error)
+            raise
 
     def wait_for(self, ready: Callable[[], Any], *, backoff: Optional[Backoff] = None) -> Any:
         """Poll ``ready()`` (nonblocking) until it is true, warning and timing out as the settings say
         (``backoff``: how to pause between polls, default a 20 ms spin, then sleeps of at most 1 ms)."""
         backoff = backoff or Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
                                      clock=self.clock, sleep=self.sleep)
-        return wait_until(ready, backoff=backoff, clock=self.clock, watch=_StalledWait(self))
+        try:
+            return wait_until(ready, backoff=backoff, clock=self.clock, watch=_StalledWait(self))
+        except (CollectiveTimeout, KeyboardInterrupt) as error:
+            self.leave_unfinished(error)
+            raise
+
+    def leave_unfinished(self, error: BaseException) -> None:
+        """The current collective's wait ended by ``error`` (a timeout, an interrupt): its requests may stay
+        active, and MPI cannot cancel a collective. So later collectives on this communicator are refused
+        (:meth:`enter`), and cleanup skips collective frees (:func:`timed_out`): the other ranks may never
+        join them."""
+        mark_timed_out()
+        if self.unfinished is None:
+            self.unfinished = (f"{self.where()} was left unfinished ({type(error).__name__}: {error}); MPI "
+                               "cannot cancel a collective, so this communicator's later collectives would not "
+                               "match the other ranks' calls: end the job")
 
     def wait_for_peers(self, ready: Callable[[], Any], *, what: str, peers: Sequence[int],
                        timeout: Optional[float] = None, backoff: Optional[Backoff] = None,
@@ -401,8 +428,7 @@ class Watchdog:
 
     def give_up(self, waited: float, now: Optional[dict], before: Optional[dict]) -> None:
         """Mark this rank as given up, wait (briefly) until every other live rank has too, and raise."""
-        global _timed_out
-        _timed_out = True
+        mark_timed_out()
         text, _ = self.describe(now, before)
         suspects = set(diagnose(self.sequence, self.rank, now or {}, before).not_arrived)
         self.await_the_others(suspects, self.sequence, self.settings.timeout)
@@ -413,8 +439,7 @@ class Watchdog:
         """At a timeout: mark this rank as given up and wait (at most :data:`AGREE_S`) until every other rank
         that is not a suspect and has entered collective ``since`` has given up too, so that every live rank
         reports before the first one's exit ends the job."""
-        global _timed_out
-        _timed_out = True
+        mark_timed_out()
         if self.board is None:
             return
         self.board.give_up(max(self.sequence, 1))
@@ -435,8 +460,7 @@ class Watchdog:
         that times out in the same wait reports before the first one's exit ends the job: each sees the
         last give-up at about the same time, so all leave together. Returns the peers (world ranks) that
         neither gave up nor beat: stopped, or not in this wait."""
-        global _timed_out
-        _timed_out = True
+        mark_timed_out()
         if self.board is None:
             return []
         self.board.give_up(max(self.sequence, 1))
@@ -465,63 +489,6 @@ class Watchdog:
     def quiet_s(self) -> float:
         """How long without a new give-up ends :meth:`await_the_group`: two heartbeats of a waiting rank."""
         return 2 * self.settings.beat_s + 0.05
-
-
-@contextlib.contextmanager
-def blocking_collective(what: str, watchdog: Optional[Watchdog] = None) -> Iterator[None]:
-    """Run a collective MPI call that has no nonblocking form (a communicator's split or duplicate, a
-    window's creation) under the collective timeout (``watchdog``'s settings, else the process's).
-
-    The calling thread sits inside MPI, where Python cannot act, so a timer thread keeps the deadline:
-    past the timeout it logs the error on this rank (naming who has not arrived where ``watchdog``'s
-    board can be read, which needs MPI_THREAD_MULTIPLE, mpi4py's default), waits briefly for the other
-    live ranks to give up too, and ends the job with exit code 4 (MPI_Abort; without
-    MPI_THREAD_MULTIPLE this process exits and its launcher ends the others). A call that returns in
-    time costs one thread's start."""
-    settings = watchdog.settings if watchdog is not None else WatchdogSettings.resolve()
-    if not settings.enabled:
-        yield
-        return
-    from mpi4py import MPI
-
-    multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
-    rank = MPI.COMM_WORLD.Get_rank() if watchdog is None else watchdog.world_ranks[watchdog.rank]
-    timer = threading.Timer(settings.timeout, _end_blocked_job, args=(what, rank, settings, watchdog, multiple))
-    timer.daemon = True
-    try:
-        timer.start()
-    except RuntimeError:  # Python 3.12+ starts no thread at interpreter exit (atexit frees): no deadline then
-        yield
-        return
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def _end_blocked_job(what: str, rank: int, settings: WatchdogSettings, watchdog: Optional[Watchdog],
-                     multiple: bool) -> None:
-    """The timer of :func:`blocking_collective`, in its own thread: the call is still blocked."""
-    global _timed_out
-    _timed_out = True
-    text = "which ranks are missing is unknown (a blocking MPI call)"
-    if watchdog is not None and watchdog.board is not None and multiple:
-        try:  # the diagnosis is a courtesy: whatever it raises, the job must still end
-            now = watchdog.read_board()
-            text, _ = watchdog.describe(now, None)
-            suspects = set(diagnose(watchdog.sequence, watchdog.rank, now or {}, None).not_arrived)
-            watchdog.await_the_others(suspects, watchdog.sequence, settings.timeout)
-        except Exception as error:  # noqa: BLE001
-            text = f"which ranks are missing is unknown (reading the arrival board failed: {error})"
-    where = watchdog.where() if watchdog is not None else repr(what)
-    logger.critical("%s: no progress for %.1f s (collective timeout %g s) on rank %d, inside a blocking MPI call "
-                    "that nothing can interrupt: %s; ending the job (exit code %d)", where, settings.timeout,
-                    settings.timeout, rank, text, CollectiveTimeout.exit_code)
-    flush_log()
-    if multiple:
-        from mpisgd.comm.abort import abort_world
-        abort_world(CollectiveTimeout.exit_code)
-    os._exit(CollectiveTimeout.exit_code)
 
 
 class _StalledWait:

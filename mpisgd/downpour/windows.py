@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from mpisgd.comm.watchdog import blocking_collective
+from mpisgd.comm.blocking import blocking_collective
 from mpisgd.downpour.board import BoardLayout
 from mpisgd.training.layout import Roles, ShardLayout
 

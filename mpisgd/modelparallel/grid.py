@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 from mpi4py import MPI
 
 from mpisgd.comm import Communicator
-from mpisgd.comm.watchdog import blocking_collective
+from mpisgd.comm.blocking import blocking_collective
 from mpisgd.errors import SharedConfigError
 
 SUGGESTIONS = 4

@@ -22,8 +22,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 from mpi4py import MPI
 
+from mpisgd.comm.blocking import blocking_collective
 from mpisgd.comm.wait import Backoff, wait_until
-from mpisgd.comm.watchdog import blocking_collective
 from mpisgd.downpour.client import NonFinitePushError
 from mpisgd.downpour.rules import UpdateRule
 from mpisgd.downpour.server import ShardServer

@@ -129,6 +129,10 @@ BARE_LOOP = textwrap.dedent("""
             x[:] = 1.0
     except mpisgd.CollectiveTimeout as exc:
         print(f"rank {rank} raised CollectiveTimeout: {exc}", flush=True)
+        try:  # a script that goes on: its unfinished collective (a persistent request) must not be restarted
+            mpisgd.allreduce_(x, comm=comm)
+        except mpisgd.UnfinishedCollective as again:
+            print(f"rank {rank} then raised UnfinishedCollective: {again}", flush=True)
         abort_world(4)
 """)
 
@@ -145,6 +149,10 @@ def test_rank_frozen_in_a_bare_allreduce_loop_makes_every_live_rank_raise(tmp_pa
         raised = re.findall(rf"rank {live} raised CollectiveTimeout: (.*?)(?=rank \d+ raised|$)", out, re.MULTILINE)
         assert raised, f"rank {live} did not raise:\n{out}"
         assert "'allreduce" in raised[0] and "rank 1 has not arrived" in raised[0], raised[0]
+    # the script's next call is refused, not a restart of the active request (the first rank to abort may end
+    # the job before the other prints: one report is enough)
+    refused = re.findall(r"rank [02] then raised UnfinishedCollective: (.*?)(?=rank \d+ |$)", out, re.MULTILINE)
+    assert refused and "was left unfinished (CollectiveTimeout" in refused[0], out
 
 
 @pytest.mark.timeout(300)

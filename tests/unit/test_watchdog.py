@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 
 from mpisgd.comm import watchdog as wd
+from mpisgd.comm.blocking import blocking_collective
 from mpisgd.comm.wait import wait_until
 from mpisgd.comm.watchdog import NO_STEP, Slot, Watchdog, WatchdogSettings, diagnose
-from mpisgd.errors import CollectiveTimeout, CommError, ConfigError
+from mpisgd.errors import CollectiveTimeout, CommError, ConfigError, UnfinishedCollective
 
 
 class Clock:
@@ -230,6 +232,40 @@ def test_start_and_wait_on_a_frozen_rank_times_out_naming_it():
     assert clock.now >= 5.0
 
 
+def test_after_a_timeout_the_next_collective_is_refused_and_the_active_request_never_restarted(monkeypatch):
+    monkeypatch.setattr(wd, "_timed_out", False)
+    dog, clock, board = _watchdog(lambda now: {1: Slot(0, NO_STEP, 0, 0), 2: Slot(1, NO_STEP, int(now * 100), 0)})
+    request = PersistentRequest(float("inf"))
+    with pytest.raises(CollectiveTimeout):
+        dog.start_and_wait("allreduce (argument check)", request)
+    with pytest.raises(UnfinishedCollective, match=r"collective #1 'allreduce \(argument check\)' was left "
+                                                   r"unfinished \(CollectiveTimeout: .*rank 1 has not arrived"):
+        dog.start_and_wait("allreduce (argument check)", request)
+    assert request.starts == 1 and dog.sequence == 1 and wd.timed_out()  # cleanup then skips collective frees
+
+
+class InterruptedRequest(PersistentRequest):
+    def Test(self):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("call", ["wait", "start_and_wait"])
+def test_an_interrupted_wait_leaves_its_collective_unfinished_and_refuses_the_next(monkeypatch, call):
+    monkeypatch.setattr(wd, "_timed_out", False)
+    dog, clock, board = _watchdog(lambda now: {})
+    request = InterruptedRequest(1)
+    with pytest.raises(KeyboardInterrupt):
+        if call == "wait":
+            dog.enter("allreduce_")
+            dog.wait([request])
+        else:
+            dog.start_and_wait("allreduce_", request)
+    with pytest.raises(UnfinishedCollective, match="'broadcast_' cannot start on rank 0: collective #1 "
+                                                   "'allreduce_' was left unfinished \\(KeyboardInterrupt"):
+        dog.enter("broadcast_")
+    assert wd.timed_out()
+
+
 def test_start_and_wait_with_timeout_zero_waits_in_mpi():
     dog = Watchdog(0, 2, WatchdogSettings(0.0, 0.0))
     request = PersistentRequest(float("inf"))
@@ -316,3 +352,15 @@ def test_a_peer_wait_with_timeout_zero_never_gives_up():
     dog, clock, board = _watchdog(lambda now: {}, timeout=5.0, stall_warning=0.5)
     got = dog.wait_for_peers(lambda: clock.now >= 50.0, what="x", peers=[1], timeout=0)  # ten times the timeout
     assert got is True and board.mine[3] == 0
+
+
+def test_a_blocking_call_where_no_thread_can_start_runs_without_a_deadline(monkeypatch):
+    """Python 3.12+ starts no thread during interpreter exit (RuntimeError), where the boards' free runs:
+    the call must still run (unwatched), not raise."""
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran = []
+    with blocking_collective("exit: free the arrival boards", Watchdog(0, 2, WatchdogSettings(5.0, 1.0))):
+        ran.append(True)
+    assert ran == [True]

@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from mpisgd import environment
 from mpisgd.comm import objects
-from mpisgd.comm.watchdog import blocking_collective
+from mpisgd.comm.blocking import blocking_collective
 from mpisgd.errors import CommError, SharedConfigError
 
 logger = logging.getLogger(__name__)

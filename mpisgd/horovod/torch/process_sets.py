@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 from mpi4py import MPI
 
 from mpisgd.comm import AllreduceConfig, Communicator
-from mpisgd.comm.watchdog import blocking_collective
+from mpisgd.comm.blocking import blocking_collective
 
 
 class ProcessSet:
