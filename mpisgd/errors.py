@@ -34,7 +34,8 @@ class CommError(MpisgdError, RuntimeError):
 class CollectiveTimeout(CommError):
     """No progress in a collective for the collective timeout: every live rank raises it, naming the
     ranks that have not arrived (or stopped answering), the collective and the step. Under the ``mpisgd``
-    command the job then aborts (the missing ranks may never exit by themselves) with exit code 4."""
+    command the job then aborts (the missing ranks may never exit by themselves) with exit code 4. Its
+    subclass :class:`UnfinishedCollective` is raised by this rank alone, for a later collective."""
 
     every_rank = True
     #: the exit code of a job ended by it (also of one whose blocking MPI call outlived the timeout)

@@ -181,8 +181,8 @@ class Agreement:
             call = self._steady.get((x.dtype, x.shape, op, algorithm))
         except TypeError:  # an unhashable op or algorithm: the full path says what is wrong
             return False
-        if call is None or not x.flags.writeable:
-            return False
+        if call is None or not x.flags.writeable or comm.watchdog.unfinished is not None:
+            return False  # (unfinished: the message may still be in flight; the full path's entry refuses)
         message, shaped = call.message, call.shaped
         message.head[...] = call.signature
         shaped[...] = x
@@ -246,6 +246,7 @@ class Agreement:
         description, signature = self._signature(key, fields)
         layout = self.layout
         carried = payload is not None and next_layout == layout
+        comm.watchdog.enter(f"{fields['call']} (argument check)")  # first: refused while a message may be in flight
         message = self._message(comm)
         message.head[...] = signature
         if carried:
@@ -255,7 +256,6 @@ class Agreement:
                 backend.copy_into_flat(message.payload, payload)
         elif layout.elements:
             message.payload[...] = 0
-        comm.watchdog.enter(f"{fields['call']} (argument check)")
         comm.watchdog.wait(message.start())
         expected = self._expected_bytes(key, signature, layout)
         if message.head.tobytes() != expected:

@@ -152,8 +152,8 @@ class Communicator:
     def free(self) -> None:
         """Release the duplicated communicators and the shared window; later use raises RuntimeError.
         Collective: every rank calls it (freeing a shared window synchronizes the ranks). After a
-        collective of this process timed out the windows are only dropped: the ranks it waited for
-        would never join their (collective) free, and an exit must not hang on them."""
+        collective of this process timed out (or was left unfinished) the windows are only dropped: the
+        ranks it waited for would never join their (collective) free, and an exit must not hang on them."""
         collective = not MPI.Is_finalized() and not timed_out()
         self.watchdog.board = None  # a timed-out free must not read the board it is freeing
         if collective and (self._shm is not None or self._board is not None):

@@ -336,7 +336,8 @@ class Watchdog:
 
     def wait_for(self, ready: Callable[[], Any], *, backoff: Optional[Backoff] = None) -> Any:
         """Poll ``ready()`` (nonblocking) until it is true, warning and timing out as the settings say
-        (``backoff``: how to pause between polls, default a 20 ms spin, then sleeps of at most 1 ms)."""
+        (``backoff``: how to pause between polls, default a 20 ms spin, then sleeps of at most 1 ms). A
+        timeout or an interrupt leaves the collective unfinished (:meth:`leave_unfinished`)."""
         backoff = backoff or Backoff(first=FIRST_SLEEP_S, longest=LONGEST_SLEEP_S, spin_for=SPIN_S,
                                      clock=self.clock, sleep=self.sleep)
         try:
@@ -352,7 +353,8 @@ class Watchdog:
         join them."""
         mark_timed_out()
         if self.unfinished is None:
-            self.unfinished = (f"{self.where()} was left unfinished ({type(error).__name__}: {error}); MPI "
+            cause = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            self.unfinished = (f"{self.where()} was left unfinished ({cause}); MPI "
                                "cannot cancel a collective, so this communicator's later collectives would not "
                                "match the other ranks' calls: end the job")
 

@@ -24,7 +24,7 @@ from mpisgd import checkpoint as ckpt
 from mpisgd import faults
 from mpisgd.comm import Communicator, objects
 from mpisgd.data import ShardedHDF5, compatibility_problems, default_dataset
-from mpisgd.errors import CheckpointError, ConfigError
+from mpisgd.errors import CheckpointError, CollectiveTimeout, ConfigError
 from mpisgd.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ def resume_from_checkpoint(cfg: TrainConfig, comm: Communicator, restore: Callab
             restored = restore(state)
         except CheckpointError as exc:
             error = exc
+        except CollectiveTimeout:  # a collective of the load timed out: not the file's fault, and none can agree now
+            raise
         except (ConfigError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             error = ConfigError(f"--resume from {path}: {exc}")
         integrity = bool(comm.allreduce_numbers(isinstance(error, CheckpointError), "max",
