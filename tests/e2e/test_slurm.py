@@ -77,9 +77,10 @@ def _job_env(**variables: str) -> dict[str, str]:
 
 
 #: why srun does not start the Open MPI wheel's ranks here (measured, Debian 12: Slurm 22.05.8, PMIx 4.2.2)
-SRUN_OPEN_MPI = ("the Open MPI 5.0.11 wheel fails in MPI_Init under Debian's srun --mpi=pmix (its pmix_v4 plugin "
-                 "also needs libpmix-dev for libpmix.so), and Open MPI 5 has no PMI2: its jobs use mpirun "
-                 "inside the allocation (LAUNCHER=mpiexec)")
+SRUN_OPEN_MPI = ("under Debian's srun --mpi=pmix (its pmix_v4 plugin needs libpmix-dev for libpmix.so) the Open MPI "
+                 "5.0.11 wheel starts 2 ranks, but with 3 or more every rank from 2 on fails in MPI_Init (its PMIx "
+                 "client finds no pmix.lpeers in what the plugin serves), and Open MPI 5 has no PMI2: its jobs "
+                 "use mpirun inside the allocation (LAUNCHER=mpiexec)")
 
 
 #: why a SIGTERM from Slurm cannot preempt a job whose ranks mpirun starts (PRRTE 3.0.11, read in its prte.c)
