@@ -90,5 +90,5 @@ def broadcast_(x: Any, root: int = 0, *, comm: Any = None, timeout: Optional[flo
 
 
 __all__ = ["AllreduceConfig", "CollectiveTimeout", "CommError", "Communicator", "ConfigError", "DistributedOptimizer", "ModelParallel",
-           "MpisgdError", "NonFiniteGradientError", "__version__", "allreduce", "allreduce_", "allreduce_many_", "broadcast_",
-           "broadcast_optimizer_state", "broadcast_parameters", "get_communicator", "UnfinishedCollective"]
+           "MpisgdError", "NonFiniteGradientError", "UnfinishedCollective", "__version__", "allreduce", "allreduce_", "allreduce_many_", "broadcast_",
+           "broadcast_optimizer_state", "broadcast_parameters", "get_communicator"]
