@@ -50,6 +50,23 @@ class JobContext:
         claims its steps one by one, so a straggler holds nobody back)."""
         return self.cfg.epochs * self.num_workers * self.num_batches
 
+    def _saved_replica_steps(self) -> list[int]:
+        """The resumed checkpoint's step of each replica: its worker rows list every partition of a split
+        replica, and those step together."""
+        every = max(1, int(self.resumed.get("partitions_per_replica", 1)))
+        return [int(s) for s in (self.resumed.get("worker_steps") or [])[::every]]
+
+    def resumed_replica_steps(self, replicas: int) -> list[int]:
+        """Each replica's step to resume at (0 on a fresh start): the saved ones where the checkpoint had as
+        many replicas, otherwise the same amount of data behind each of them."""
+        saved = self._saved_replica_steps()
+        return saved if len(saved) == replicas else [sum(saved) // replicas] * replicas
+
+    @property
+    def resumed_claims(self) -> int:
+        """Steps the resumed job's replicas had claimed from its budget: the claims go on from there."""
+        return sum(self._saved_replica_steps())
+
     @property
     def num_workers(self) -> int:
         return len(self.roles.workers)

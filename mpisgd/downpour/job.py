@@ -161,7 +161,7 @@ def train_downpour(cfg: TrainConfig, comm: Communicator, system: Optional[System
             DelayCompensation(0, lam=cfg.dc_lambda, variant=cfg.dc_variant, momentum=cfg.dc_momentum)
         except ConfigError as exc:
             raise SharedConfigError(str(exc)) from None
-    resumed = _load_resume_state(cfg, comm, model, layout, rule_name, system.resumes) if cfg.resume else {}
+    resumed = load_resume_state(cfg, comm, model, layout, rule_name, system.resumes) if cfg.resume else {}
     if resumed:
         flat = resumed["params"]
     buffers = _float_buffers(model)
@@ -220,21 +220,26 @@ def _start_server(job: JobContext, system: System, flat: np.ndarray, remote_work
     assert shard is not None  # a server rank
     rule = system.make_rule(job, layout.shard_size(shard))
     where = layout.shard_slice(shard)
-    for name in rule.state_names:
-        saved = job.resumed.get("rule_state", {}).get(name)
-        if saved is not None:
-            rule.state[name][:] = saved[where]
+    restore_rule_state(rule, job.resumed, where)
     if not network_path(remote_workers=remote_workers):
         lower_cpu_priority(cfg.server_nice)
     elif cfg.server_nice:
         logger.warning("--server-nice ignored: workers reach this server over the network path, where their "
                        "RMA operations need the server's CPU time")
     server = system.make_server(job, rule, idle_sleep)
-    server.initialize(flat[where], claimed_steps=sum(job.resumed.get("worker_steps", [])))
+    server.initialize(flat[where], claimed_steps=job.resumed_claims)
     return server
 
 
-def _load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Module, layout: ShardLayout,
+def restore_rule_state(rule: UpdateRule, resumed: dict, where: slice) -> None:
+    """This shard's part (``where``) of the resumed server rule's state (Adagrad's sums), if it was saved."""
+    for name in rule.state_names:
+        saved = resumed.get("rule_state", {}).get(name)
+        if saved is not None:
+            rule.state[name][:] = saved[where]
+
+
+def load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Module, layout: ShardLayout,
                        rule_name: str, resumes: tuple = DOWNPOUR.resumes) -> dict:
     """Every rank reads the latest checkpoint (the same file): parameters, the server rule's state,
     and how far each worker got; problems are raised on every rank together."""
@@ -255,6 +260,8 @@ def _load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Mod
                                       f"the model has {layout.num_params} parameters")
         state["step"] = int(extra.get("step", 0))
         state["worker_steps"] = [int(s) for s in extra.get("worker_steps", [])]
+        split = extra.get("model_parallel") or {}  # split replicas: a row per partition
+        state["partitions_per_replica"] = int(split.get("stages", 1)) * int(split.get("tensor_parallel", 1))
         return state
 
     resumed = resume_from_checkpoint(cfg, comm, restore)

@@ -97,11 +97,7 @@ class Worker(GradientAccrual):
     def __init__(self, job: JobContext, *, fault: Optional[faults.WorkerFault] = None) -> None:
         self.job, self.cfg, self.client, self.board = job, job.cfg, job.client, job.board
         self.index = job.roles.worker_index(job.comm.rank)
-        worker_steps = job.resumed.get("worker_steps") or []
-        if len(worker_steps) == job.num_workers:
-            self.step = worker_steps[self.index]
-        else:  # resumed with another number of workers: the same amount of data behind each of them
-            self.step = sum(worker_steps) // job.num_workers if worker_steps else 0
+        self.step = job.resumed_replica_steps(job.num_workers)[self.index]
         train = job.data.train
         train.epoch, train.batch = divmod(self.step, train.num_batches)
         n = job.layout.num_params

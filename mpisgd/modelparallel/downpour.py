@@ -54,7 +54,7 @@ from mpisgd.downpour.client import NonFinitePushError, ParameterClient
 from mpisgd.downpour.context import JobContext
 from mpisgd.downpour.coordinator import Coordinator, follow_coordinator
 from mpisgd.downpour.delay_compensation import DelayCompensation
-from mpisgd.downpour.job import assign_roles, finish_job, server_pacing
+from mpisgd.downpour.job import assign_roles, finish_job, load_resume_state, restore_rule_state, server_pacing
 from mpisgd.downpour.rules import make_rule
 from mpisgd.downpour.server import lower_cpu_priority, network_path
 from mpisgd.downpour.windows import ParameterServerWindows
@@ -115,9 +115,6 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
         A summary; server 0's (world rank 0) is the job's, as :func:`mpisgd.downpour.job.train_downpour`'s.
     """
     settings = ModelParallelSettings.from_config(cfg)
-    if cfg.resume:
-        raise SharedConfigError("--resume is not supported yet for downpour/dcasgd with --stages or "
-                                "--tensor-parallel (the final model loads unsplit, and resumes under sync)")
     if cfg.device != "cpu":
         raise SharedConfigError("model parallelism runs on the CPU for now (activations travel through host memory)")
     if cfg.batch_size % settings.micro_batches:
@@ -146,6 +143,11 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
         except ConfigError as exc:
             error = exc
     comm.raise_together(error)
+    # the checkpoint holds the unsplit model (written at any K, T, or by unsplit Downpour): loaded before
+    # the replicas cut it, so every stage starts from its batch-norm statistics
+    resumed = load_resume_state(cfg, comm, model, layout, rule_name) if cfg.resume else {}
+    if resumed:
+        flat = resumed["params"]
 
     world = comm.mpi
     assert isinstance(world, MPI.Intracomm)
@@ -176,19 +178,20 @@ def train_partitioned_downpour(cfg: Any, comm: Communicator) -> dict:
                else data.train.samples_per_rank)
     num_batches = usable_batches(samples, cfg.batch_size, settings.micro_batches)
     job = JobContext(cfg, comm, roles, layout, windows, client, JobBoard(client), role_comm, model, "cpu", data,
-                     buffers, rule_name, num_batches, {})
+                     buffers, rule_name, num_batches, resumed)
     server = None
     if is_server:
         shard = windows.shard
         assert shard is not None
         if not network_path(remote_workers=remote_workers):
             lower_cpu_priority(cfg.server_nice)
-        server = PartitionShardServer(windows, make_rule(rule_name, layout.shard_size(shard), lr=cfg.lr,
-                                                         eps=cfg.adagrad_eps), applied, idle_sleep_s=idle_sleep)
-        server.initialize(flat[layout.shard_slice(shard)])
+        rule = make_rule(rule_name, layout.shard_size(shard), lr=cfg.lr, eps=cfg.adagrad_eps)
+        restore_rule_state(rule, resumed, layout.shard_slice(shard))
+        server = PartitionShardServer(windows, rule, applied, idle_sleep_s=idle_sleep)
+        server.initialize(flat[layout.shard_slice(shard)], claimed_steps=job.resumed_claims)
     header = None
     if job.is_coordinator:
-        warm = cfg.warmstart_steps > 0 and shape.replicas > 1
+        warm = cfg.warmstart_steps > 0 and shape.replicas > 1 and not resumed
         header = job.board.initialize(warm_open=not warm)
     comm.barrier(name="parameter server start")  # every shard and the board hold their initial values before any pull
     try:
@@ -229,7 +232,9 @@ class PartitionWorker(GradientAccrual):
         self.replica_comm, self.shape, self.fault = replica_comm, shape, fault
         self.index = job.roles.worker_index(job.comm.rank)
         self.leader = mp.stage == 0 and mp.split == 0
-        self.step = 0
+        self.step = job.resumed_replica_steps(shape.replicas)[shape.coordinates(self.index).replica]
+        train = job.data.train  # resumed: where this replica's data stood (the usable batches of an epoch)
+        train.epoch, train.batch = divmod(self.step, job.num_batches)
         n = client.size
         self.local = np.zeros(n, dtype=np.float32)  # the partition's parameters are views into it
         flat, offset = torch.from_numpy(self.local), 0
@@ -238,7 +243,7 @@ class PartitionWorker(GradientAccrual):
             p.data = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self.init_accrual(n)
-        self.row = WorkerReport(job.board.layout, self.index)
+        self.row = WorkerReport(job.board.layout, self.index, steps=self.step)
         self.header = BoardHeader()
         offsets = _buffer_offsets(job.model)
         self.buffers = [(offsets[name][0], b) for name, b in _float_buffers(mp.module)] if mp.split == 0 else []
@@ -373,6 +378,8 @@ class PartitionCoordinator(Coordinator):
     def __init__(self, job: JobContext, server: PartitionShardServer, header: BoardHeader, shape: GridShape,
                  stage_layers: list) -> None:
         super().__init__(job, server, header)
+        # in checkpoints, as ModelParallel.save_checkpoint writes it: their worker rows are partitions
+        self.split = {"stages": shape.stages, "tensor_parallel": shape.splits, "replicas": shape.replicas}
         self.labels = [str(shape.coordinates(i)).replace(", ", "/") for i in range(job.num_workers)]
         offsets = _buffer_offsets(job.model)
         size = sum(n for _, n in offsets.values())
@@ -388,6 +395,11 @@ class PartitionCoordinator(Coordinator):
         means = [float(h @ np.arange(STALENESS_BINS) / c) if c else None for h, c in zip(histograms, counts)]
         super()._log_metrics(rows, step, partitions=self.labels, partition_staleness_mean=means,
                              partition_staleness_hist=histograms.astype(int).tolist(), **extra)
+
+    def _checkpoint_sections(self, shards: Any, step: int, rows: WorkerRows, model: Any = None) -> dict:
+        sections = super()._checkpoint_sections(shards, step, rows, model)
+        sections["extra"]["model_parallel"] = self.split
+        return sections
 
     def _load_eval_model(self, params: np.ndarray, rows: WorkerRows) -> None:
         torch.nn.utils.vector_to_parameters(torch.from_numpy(params.copy()), self.eval_model.parameters())

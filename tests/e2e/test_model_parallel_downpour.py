@@ -4,7 +4,8 @@ Equivalence: one replica, ``--server-rule sgd``, ``--n-fetch 1 --n-push 1`` is p
 partition reads its own pushes), so its ``final.h5`` equals the unsplit model trained by plain SGD in one
 process (the 1-rank sync run with momentum 0, the same data order). Faults: a partition that raises (the
 test-only MPISGD_TEST_WORKER_FAULT hook, inside its step) takes its replica out; the other replica trains
-on to the end of the job's budget. Also: a world that does not factor, and `mpisgd info --stages K`.
+on to the end of the job's budget. Resume: half the steps, then the rest resumed at another split,
+equals the same plain SGD run; unsplit and split Downpour resume each other's checkpoints. Also: a world that does not factor, and `mpisgd info --stages K`.
 """
 
 import re
@@ -61,6 +62,48 @@ def test_one_split_replica_equals_plain_sgd_on_the_unsplit_model(tmp_path, data,
     assert sorted(split) == sorted(plain_sgd)  # the unsplit model's names: final.h5 loads unsplit
     for name, reference in plain_sgd.items():
         torch.testing.assert_close(torch.as_tensor(split[name]), torch.as_tensor(reference), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first, second", [
+    ((3, ["--stages", "2", "--micro-batches", "2"]), (3, ["--tensor-parallel", "2"])),
+    ((4, ["--stages", "3", "--micro-batches", "4"]), (3, ["--stages", "2", "--micro-batches", "2",
+                                                           "--pipeline-schedule", "1f1b"])),
+], ids=["K2-then-T2", "K3-then-K2-1f1b"])
+def test_a_job_resumed_at_another_split_equals_plain_sgd_straight_through(tmp_path, data, plain_sgd, first, second):
+    """Half the steps, then --resume from its checkpoint at another split: the shards' vector, the replica's
+    step and its data position carry over, so the two halves are the plain SGD run."""
+    runs = []
+    for (nprocs, flags), steps, resume in ((first, STEPS // 2, []), (second, STEPS, ["--resume"])):
+        runs.append(run_mpi(nprocs, [mpisgd_command(), "train", "--strategy", "downpour", "--server-rule", "sgd", *data,
+                                     *COMMON, "--servers", "1", "--n-fetch", "1", "--n-push", "1", "--max-steps",
+                                     str(steps), "--checkpoint-dir", str(tmp_path), *flags, *resume], timeout=TIMEOUT))
+        assert runs[-1].returncode == 0, runs[-1].stdout
+    assert f"(workers at steps [{STEPS // 2}, {STEPS // 2}" in runs[1].stdout, runs[1].stdout  # resumed there
+    resumed = final_parameters(tmp_path)
+    for name, reference in plain_sgd.items():
+        torch.testing.assert_close(torch.as_tensor(resumed[name]), torch.as_tensor(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_unsplit_and_split_downpour_resume_each_other(tmp_path, data):
+    """Unsplit Downpour (Adagrad) for 4 steps, resumed split at K=2 to 8, resumed unsplit again to 12: the steps
+    go on from the saved ones (a split checkpoint lists each partition) and Adagrad's sums from the saved sums.
+    Unsplit Downpour does not wait for its own push before the next pull, so no run here is plain SGD."""
+    def train(nprocs, steps, *flags):
+        result = run_mpi(nprocs, [mpisgd_command(), "train", "--strategy", "downpour", *data, *COMMON, "--servers",
+                                  "1", "--max-steps", str(steps), "--checkpoint-dir", str(tmp_path), *flags],
+                         timeout=TIMEOUT)
+        assert result.returncode == 0, result.stdout
+        return load_checkpoint(tmp_path / "final.h5")
+
+    sums = [train(2, 4)]
+    sums.append(train(3, 8, "--stages", "2", "--micro-batches", "2", "--resume"))
+    assert sums[-1]["extra"]["worker_steps"] == [8, 8]
+    assert sums[-1]["extra"]["model_parallel"] == {"stages": 2, "tensor_parallel": 1, "replicas": 1}
+    sums.append(train(2, 12, "--resume"))
+    assert sums[-1]["extra"]["worker_steps"] == [12]
+    squares = [s["optimizer_state"]["state"]["sum_of_squares"] for s in sums]
+    for before, after in zip(squares, squares[1:]):  # the resumed shards started from the saved sums
+        assert (after >= before).all() and (after > before).any()
 
 
 def test_a_dead_partition_takes_its_replica_out_and_the_other_finishes(tmp_path, data):
