@@ -6,8 +6,10 @@ Usage:
         [--quick] [--emulated 0.02] [--slow-factor 4] [--dc-claim 8,16] [--json out.json] [--plot out.png]
 
 Each run is `mpiexec -n R mpisgd train` on the built-in data (8192 training, 2048 validation samples,
-the default mlp), seeded, with --target-accuracy: R = the workers, plus the server ranks of the parameter
-server strategies (1) and Sandblaster's coordinator. Columns, per strategy, mean and spread (sd) over
+the default mlp), seeded, with --target-accuracy: R = the workers (times the stages of the model-parallel
+rows, whose replicas are split over 2 ranks each), plus the server ranks of the parameter server strategies
+(1) and Sandblaster's coordinator. The model-parallel rows run in part (a) only: the emulated sleep pads a
+whole model's forward pass, not a pipeline stage's. Columns, per strategy, mean and spread (sd) over
 seeds: time to the target (the metrics' wall time at the first evaluation that reached it; every
 strategy evaluates once per epoch of data, Sandblaster only at its end), updates to it (the metrics'
 step: all-reduce steps, pushes for downpour/dcasgd/SSP, updates for sync-ps, L-BFGS iterations),
@@ -50,9 +52,10 @@ class Strategy:
     flags: tuple
     servers: int = 1  # 0: every rank a worker
     coordinator: bool = False
+    stages: int = 1  # model parallelism: each replica (a "worker" here) spread over this many ranks
 
     def ranks(self, workers: int) -> int:
-        return workers + self.servers + int(self.coordinator)
+        return workers * self.stages + self.servers + int(self.coordinator)
 
     @property
     def kind(self) -> str:
@@ -70,7 +73,10 @@ STRATEGIES = {s.name: s for s in (
     Strategy("ssp-4", ("--strategy", "downpour", "--max-staleness", "4")),
     Strategy("sync-ps-b1", ("--strategy", "sync-ps", "--backup-workers", "1")),
     Strategy("sandblaster", ("--strategy", "sandblaster"), coordinator=True),
+    Strategy("sync-mp2", ("--strategy", "sync", "--stages", "2", "--micro-batches", "2"), servers=0, stages=2),
+    Strategy("downpour-mp2", ("--strategy", "downpour", "--stages", "2", "--micro-batches", "2"), stages=2),
 )}
+NOT_EMULATED = ("sync-mp2", "downpour-mp2")  # the sleep pads whole-model forward passes, not a pipeline's stages
 DC_CLAIM = ("asgd", "dcasgd-constant", "dcasgd-adaptive")
 
 
@@ -106,7 +112,8 @@ def applied_records(strategy: Strategy, records: list, args: argparse.Namespace,
     if strategy.kind == "sandblaster":
         evaluations = max((r.get("function_evaluations") or 0 for r in records), default=0)
         return evaluations * TRAIN_SAMPLES
-    return None if last is None else sum(last["worker_steps"]) * args.batch_size
+    # split replicas list each partition's steps (they step together)
+    return None if last is None else sum(last["worker_steps"]) * args.batch_size / strategy.stages
 
 
 def run_one(strategy: Strategy, part: str, seed: int, workers: int, args: argparse.Namespace,
@@ -253,6 +260,8 @@ def main() -> int:
             names = args.strategies.split(",") if part != "emulated-slow" else [
                 n for n in args.slow_strategies.split(",") if n in args.strategies.split(",")]
             for name in names:
+                if part != "as-is" and name in NOT_EMULATED:
+                    continue
                 strategy = STRATEGIES[name]
                 env = {} if part == "as-is" else dict(emulated)
                 if part == "emulated-slow":
