@@ -52,15 +52,23 @@ class JobContext:
 
     def _saved_replica_steps(self) -> list[int]:
         """The resumed checkpoint's step of each replica: its worker rows list every partition of a split
-        replica, and those step together."""
+        replica, which step together (the least of them: the first partition may be a step ahead)."""
         every = max(1, int(self.resumed.get("partitions_per_replica", 1)))
-        return [int(s) for s in (self.resumed.get("worker_steps") or [])[::every]]
+        steps = [int(s) for s in self.resumed.get("worker_steps") or []]
+        return [min(steps[i:i + every]) for i in range(0, len(steps), every)]
 
     def resumed_replica_steps(self, replicas: int) -> list[int]:
         """Each replica's step to resume at (0 on a fresh start): the saved ones where the checkpoint had as
         many replicas, otherwise the same amount of data behind each of them."""
         saved = self._saved_replica_steps()
         return saved if len(saved) == replicas else [sum(saved) // replicas] * replicas
+
+    def resumed_position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch) of a replica resumed at ``step``, counted in the saved job's batches per epoch:
+        unsplit Downpour counts a short last batch, a split replica skips one that M does not divide."""
+        per_epoch = max(1, int(self.resumed.get("batches_per_epoch", self.num_batches)))
+        epoch, batch = divmod(step, per_epoch)
+        return (epoch + 1, 0) if batch >= self.num_batches else (epoch, batch)
 
     @property
     def resumed_claims(self) -> int:

@@ -318,7 +318,7 @@ class Coordinator:
         rule_state = {name: torch.from_numpy(value) for name, value in shards.rule_state.items()}
         extra = checkpoint_metadata(
             self.cfg, job.comm, step, job.data, servers=job.layout.num_shards, workers=job.num_workers,
-            worker_steps=[int(v) for v in rows.steps],
+            worker_steps=[int(v) for v in rows.steps], batches_per_epoch=job.num_batches,
             shard_versions=[int(c[Counter.VERSION]) for c in shards.counters],
             val_accuracy=model.accuracy, model_step=model.step)
         return {"model_state": self.eval_model.state_dict(),

@@ -261,7 +261,12 @@ def load_resume_state(cfg: TrainConfig, comm: Communicator, model: torch.nn.Modu
         state["step"] = int(extra.get("step", 0))
         state["worker_steps"] = [int(s) for s in extra.get("worker_steps", [])]
         split = extra.get("model_parallel") or {}  # split replicas: a row per partition
-        state["partitions_per_replica"] = int(split.get("stages", 1)) * int(split.get("tensor_parallel", 1))
+        state["partitions_per_replica"] = every = int(split.get("stages", 1)) * int(split.get("tensor_parallel", 1))
+        if len(state["worker_steps"]) % every:
+            raise ConfigError(f"it lists {len(state['worker_steps'])} worker steps, not a multiple of its "
+                              f"{every} partitions per replica")
+        if "batches_per_epoch" in extra:
+            state["batches_per_epoch"] = int(extra["batches_per_epoch"])
         return state
 
     resumed = resume_from_checkpoint(cfg, comm, restore)

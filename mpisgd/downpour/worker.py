@@ -99,7 +99,7 @@ class Worker(GradientAccrual):
         self.index = job.roles.worker_index(job.comm.rank)
         self.step = job.resumed_replica_steps(job.num_workers)[self.index]
         train = job.data.train
-        train.epoch, train.batch = divmod(self.step, train.num_batches)
+        train.epoch, train.batch = job.resumed_position(self.step)
         n = job.layout.num_params
         # the model's parameters are views into one flat vector, which pulls overwrite in place
         self.pulled = np.zeros(n, dtype=np.float32)
@@ -214,6 +214,7 @@ class Worker(GradientAccrual):
         returns the state to report (DONE or FAILED)."""
         cfg = self.cfg
         budget = self.job.step_budget
+        fetched = False  # a resumed worker's step need not be a multiple of --n-fetch: it pulls first
         for x, y in _endless(self.job.data.train):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
@@ -221,8 +222,9 @@ class Worker(GradientAccrual):
                 header = self.wait_for_the_slowest()
             if header.phase != Phase.TRAINING or self.client.claim_step() >= budget:
                 break
-            if self.step % cfg.n_fetch == 0:
+            if not fetched or self.step % cfg.n_fetch == 0:
                 self.pull_parameters()
+                fetched = True
             loss = self.compute_gradient(x, y)
             self.step += 1
             if self.fault and self.fault.corrupts_gradient(self.step):

@@ -233,8 +233,8 @@ class PartitionWorker(GradientAccrual):
         self.index = job.roles.worker_index(job.comm.rank)
         self.leader = mp.stage == 0 and mp.split == 0
         self.step = job.resumed_replica_steps(shape.replicas)[shape.coordinates(self.index).replica]
-        train = job.data.train  # resumed: where this replica's data stood (the usable batches of an epoch)
-        train.epoch, train.batch = divmod(self.step, job.num_batches)
+        train = job.data.train
+        train.epoch, train.batch = job.resumed_position(self.step)
         n = client.size
         self.local = np.zeros(n, dtype=np.float32)  # the partition's parameters are views into it
         flat, offset = torch.from_numpy(self.local), 0
@@ -323,13 +323,15 @@ class PartitionWorker(GradientAccrual):
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self, header: BoardHeader) -> WorkerState:
         cfg, state = self.cfg, WorkerState.DONE
+        fetched = False  # a resumed partition's step need not be a multiple of --n-fetch: it pulls first
         for x, y in _endless(self.job.data.train):
             if len(x) % self.mp.micro_batches:
                 continue
             if not self.agree(state == WorkerState.DONE and self.vote(header)):
                 break
-            if self.step % cfg.n_fetch == 0:
+            if not fetched or self.step % cfg.n_fetch == 0:
                 self.pull_parameters()
+                fetched = True
             for p in self.params:
                 p.grad = None
             self._strike_pending = True

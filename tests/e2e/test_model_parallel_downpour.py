@@ -85,23 +85,25 @@ def test_a_job_resumed_at_another_split_equals_plain_sgd_straight_through(tmp_pa
 
 
 def test_unsplit_and_split_downpour_resume_each_other(tmp_path, data):
-    """Unsplit Downpour (Adagrad) for 4 steps, resumed split at K=2 to 8, resumed unsplit again to 12: the steps
-    go on from the saved ones (a split checkpoint lists each partition) and Adagrad's sums from the saved sums.
-    Unsplit Downpour does not wait for its own push before the next pull, so no run here is plain SGD."""
-    def train(nprocs, steps, *flags):
+    """One epoch of unsplit Downpour (Adagrad, --n-fetch 3): 4 steps, resumed split at K=2 to step 8, resumed
+    unsplit again to the end of the epoch. The steps go on from the saved ones (a split checkpoint lists each
+    partition), the step claims from the saved total (so the last run ends the epoch exactly), and Adagrad's
+    sums from the saved sums. Unsplit Downpour does not wait for its own push before the next pull, so no
+    run here is plain SGD."""
+    def train(nprocs, *flags):
         result = run_mpi(nprocs, [mpisgd_command(), "train", "--strategy", "downpour", *data, *COMMON, "--servers",
-                                  "1", "--max-steps", str(steps), "--checkpoint-dir", str(tmp_path), *flags],
+                                  "1", "--epochs", "1", "--n-fetch", "3", "--checkpoint-dir", str(tmp_path), *flags],
                          timeout=TIMEOUT)
         assert result.returncode == 0, result.stdout
         return load_checkpoint(tmp_path / "final.h5")
 
-    sums = [train(2, 4)]
-    sums.append(train(3, 8, "--stages", "2", "--micro-batches", "2", "--resume"))
-    assert sums[-1]["extra"]["worker_steps"] == [8, 8]
-    assert sums[-1]["extra"]["model_parallel"] == {"stages": 2, "tensor_parallel": 1, "replicas": 1}
-    sums.append(train(2, 12, "--resume"))
-    assert sums[-1]["extra"]["worker_steps"] == [12]
-    squares = [s["optimizer_state"]["state"]["sum_of_squares"] for s in sums]
+    saved = [train(2, "--max-steps", "4")]
+    saved.append(train(3, "--stages", "2", "--micro-batches", "2", "--max-steps", "8", "--resume"))
+    assert saved[-1]["extra"]["worker_steps"] == [8, 8]
+    assert saved[-1]["extra"]["model_parallel"] == {"stages": 2, "tensor_parallel": 1, "replicas": 1}
+    saved.append(train(2, "--resume"))
+    assert saved[-1]["extra"]["worker_steps"] == [256 // BATCH]  # one epoch: 8 more steps, no more, no fewer
+    squares = [s["optimizer_state"]["state"]["sum_of_squares"] for s in saved]
     for before, after in zip(squares, squares[1:]):  # the resumed shards started from the saved sums
         assert (after >= before).all() and (after > before).any()
 
