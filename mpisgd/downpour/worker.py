@@ -56,6 +56,7 @@ class GradientAccrual:
         self.grads = np.zeros(n, dtype=np.float32)
         self.accrued = np.zeros(n, dtype=np.float32)
         self.accrued_steps = 0
+        self.fetched = False
         self.compensation: Optional[DelayCompensation] = None
         if self.cfg.strategy == "dcasgd":
             self.compensation = DelayCompensation(n, lam=self.cfg.dc_lambda, variant=self.cfg.dc_variant,
@@ -63,6 +64,13 @@ class GradientAccrual:
             # w_reference: the parameters this push's gradient was computed at (the Taylor point)
             self.w_reference, self.w_now = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
             self.compensated = np.zeros(n, dtype=np.float32)
+
+    def fetch_due(self) -> bool:
+        """Whether this step starts with a pull: every --n-fetch steps, and always this process's first
+        (a resumed client's step need not be a multiple of --n-fetch; it holds no parameters yet)."""
+        due = not self.fetched or self.step % self.cfg.n_fetch == 0
+        self.fetched = True
+        return due
 
     def accrue_at(self, local: np.ndarray, loss: float) -> None:
         """Add this step's (finite) gradient, computed at ``local`` (this client's parameters), to what the
@@ -214,7 +222,6 @@ class Worker(GradientAccrual):
         returns the state to report (DONE or FAILED)."""
         cfg = self.cfg
         budget = self.job.step_budget
-        fetched = False  # a resumed worker's step need not be a multiple of --n-fetch: it pulls first
         for x, y in _endless(self.job.data.train):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
@@ -222,9 +229,8 @@ class Worker(GradientAccrual):
                 header = self.wait_for_the_slowest()
             if header.phase != Phase.TRAINING or self.client.claim_step() >= budget:
                 break
-            if not fetched or self.step % cfg.n_fetch == 0:
+            if self.fetch_due():
                 self.pull_parameters()
-                fetched = True
             loss = self.compute_gradient(x, y)
             self.step += 1
             if self.fault and self.fault.corrupts_gradient(self.step):

@@ -323,15 +323,13 @@ class PartitionWorker(GradientAccrual):
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self, header: BoardHeader) -> WorkerState:
         cfg, state = self.cfg, WorkerState.DONE
-        fetched = False  # a resumed partition's step need not be a multiple of --n-fetch: it pulls first
         for x, y in _endless(self.job.data.train):
             if len(x) % self.mp.micro_batches:
                 continue
             if not self.agree(state == WorkerState.DONE and self.vote(header)):
                 break
-            if not fetched or self.step % cfg.n_fetch == 0:
+            if self.fetch_due():
                 self.pull_parameters()
-                fetched = True
             for p in self.params:
                 p.grad = None
             self._strike_pending = True
