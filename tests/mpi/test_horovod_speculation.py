@@ -114,3 +114,59 @@ def test_mismatch_after_a_speculated_call_raises_on_every_rank(case):
     assert len(set(WORLD.allgather(message))) == 1
     assert f"rank {P - 1}" in message and {"shape": "shape", "dtype": "dtype", "op": "reduction op"}[case] in message
     torch.testing.assert_close(hvd.allreduce(torch.ones(2), op=hvd.Sum, name=name), torch.full((2,), float(P)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
+                                   torch.int64], ids=str)
+def test_repeated_in_place_allreduce_is_one_message_and_matches_reference(dtype, monkeypatch):
+    """The synchronous call's own cycle (Coordinator.allreduce_alone: no general cycle runs), through a
+    kept numpy view where numpy has the dtype; a parameter (requires grad) too, and the same tensor returned."""
+    name = f"spec.inplace.{dtype}"
+    work = torch.nn.Parameter(data((3, 40), dtype, 0), requires_grad=True) if dtype.is_floating_point \
+        else data((3, 40), dtype, 0)
+    for _ in range(2):  # negotiated: the first learns the layout, the second ends the failed speculation's cooldown
+        hvd.allreduce_(work, name=name, op=hvd.Sum)
+    start = negotiated_cycles()
+    coordinator, general = runtime().coordinator, []
+    cycle = coordinator._cycle
+    monkeypatch.setattr(coordinator, "_cycle", lambda *a, **k: (general.append(1), cycle(*a, **k)))
+    for salt in (1, 2, 3):
+        x = data((3, 40), dtype, salt)
+        work.data.copy_(x)
+        assert hvd.allreduce_(work, name=name, op=hvd.Sum) is work
+        tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
+        torch.testing.assert_close(work.detach(), reference(x, hvd.Sum), rtol=tolerance, atol=tolerance * P)
+    assert negotiated_cycles() == start and not general
+
+
+def test_unnamed_repeated_allreduce_speculates_and_names_alike():
+    x = data((50,), torch.float64, 7)
+    for _ in range(2):
+        hvd.allreduce(x, op=hvd.Average)
+    start = negotiated_cycles()
+    for _ in range(3):
+        torch.testing.assert_close(hvd.allreduce(x, op=hvd.Average), reference(x, hvd.Average))
+    assert negotiated_cycles() == start
+    handle = hvd.allreduce_async(x, op=hvd.Average)  # the auto-name counters stayed in step
+    torch.testing.assert_close(hvd.synchronize(handle), reference(x, hvd.Average))
+
+
+@multi_rank
+@pytest.mark.parametrize("other", ["async", "strided"])
+def test_a_rank_off_the_synchronous_path_still_matches(other):
+    """One rank reduces through the general path (an async handle, or a tensor the synchronous path
+    does not take): its cycle sends the same speculative message, so every rank still agrees."""
+    name = f"spec.mixed.{other}"
+    x = data((8, 16), torch.float32, 9)
+    for _ in range(2):
+        hvd.allreduce(x, name=name, op=hvd.Sum)
+    start = negotiated_cycles()
+    for _ in range(3):
+        if RANK == P - 1 and other == "async":
+            result = hvd.synchronize(hvd.allreduce_async(x, name=name, op=hvd.Sum))
+        elif RANK == P - 1:  # the same values, not contiguous: snapshot and submitted
+            result = hvd.allreduce(x.t().contiguous().t(), name=name, op=hvd.Sum)
+        else:
+            result = hvd.allreduce(x, name=name, op=hvd.Sum)
+        torch.testing.assert_close(result, reference(x, hvd.Sum))
+    assert negotiated_cycles() == start

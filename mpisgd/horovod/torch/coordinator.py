@@ -11,7 +11,8 @@ nonblocking tests with a polite backoff under the deadline of the global process
 watchdog (:mod:`mpisgd.comm.watchdog`): ``shutdown`` always gets through, and a rank that stops
 answering (frozen, dead) fails every operation on every live rank with a HorovodInternalError naming
 it, after ``MPISGD_COLLECTIVE_TIMEOUT``. A cycle that repeats the last one's small allreduce sends it
-with its own negotiation, in one message (:mod:`~mpisgd.horovod.torch.speculation`).
+with its own negotiation, in one message (:mod:`~mpisgd.horovod.torch.speculation`); a synchronous
+``hvd.allreduce`` that can travel so is that cycle, run by its own thread (:meth:`allreduce_alone`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from mpisgd.comm import Communicator
@@ -34,7 +36,7 @@ from mpisgd.horovod.torch.basics import HorovodInternalError, Settings
 from mpisgd.horovod.torch.executor import Executor, Operation
 from mpisgd.horovod.torch.negotiation import Message, Negotiator, fusion_plan
 from mpisgd.horovod.torch.process_sets import ProcessSetTable
-from mpisgd.horovod.torch.speculation import Speculation
+from mpisgd.horovod.torch.speculation import Carry, Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,37 @@ class Coordinator:
         # stopped: the thread that saw the shutdown fails what is left, at once
         wait_until(lambda: all(op.done for op in operations), what="the shutdown of the coordinator")
 
+    def allreduce_alone(self, tensor: torch.Tensor, carry: Carry, in_place: bool) -> Optional[torch.Tensor]:
+        """A synchronous small allreduce as this thread's own cycle, one speculative message, where this
+        rank's next cycle would carry it alone (the facts :meth:`_speculate` checks, and it fills the
+        layout): the whole call is then one MPI all-reduce and two copies. Its result when it is done;
+        None when it was not sent, or the cycle failed as a speculation does (the next cycles
+        negotiate): submit it then."""
+        if not self._speculating or self._cooldown or carry.layout is not self.speculation.layout:
+            return None
+        self._last_driven = time.monotonic()  # the background thread stays out of a loop of such calls
+        if not self._cycle_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._queue or self._in_flight or self._join is not None or self._stop_requested or self.stopped \
+                    or self.negotiator.pending or self.negotiator.joined:
+                return None  # (reads of flags other threads set under the lock: a late one waits a cycle)
+            try:
+                out = self.speculation.carry_alone(self.comm, tensor, carry, in_place, self.watchdog)
+            except Exception as exc:
+                self._broken(exc)
+                raise HorovodInternalError(f"coordinator failed: {type(exc).__name__}: {exc}") from exc
+            except BaseException as exc:  # Ctrl-C, SystemExit: fail what is pending, then go on
+                self._broken(exc)
+                raise
+            self._idle_cycles = 0
+            if out is None:
+                self._cooldown = COOLDOWN_CYCLES
+            return out
+        finally:
+            self._cycle_lock.release()
+            self._last_driven = time.monotonic()
+
     def stop(self, timeout: float = 60.0) -> None:
         """Ask every rank to stop (through the next cycle) and wait for this rank's thread."""
         with self._lock:
@@ -163,6 +196,7 @@ class Coordinator:
             logger.warning("mpisgd.horovod: the coordinator did not stop within %g s; leaving it", timeout)
             return
         if not MPI.Is_finalized():
+            self.speculation.free()
             self.comm.Free()
 
     # ---- the background thread ------------------------------------------------------------------

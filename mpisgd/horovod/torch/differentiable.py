@@ -20,6 +20,7 @@ from mpisgd.horovod.torch.mpi_ops import (
     allgather_async,
     allreduce_async,
     allreduce_async_,
+    allreduce_carry,
     alltoall_async,
     broadcast_async,
     broadcast_async_,
@@ -49,7 +50,8 @@ class HorovodAllreduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, average, name, op, prescale_factor, postscale_factor, process_set):
         ctx.args = (average, op, prescale_factor, postscale_factor, process_set)
-        return _now(allreduce_async, tensor, average, name, op, prescale_factor, postscale_factor, process_set)
+        return _allreduce_now(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
+                              in_place=False)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -79,8 +81,8 @@ def allreduce(tensor: torch.Tensor, average: Any = None, name: Optional[str] = N
         reduced = HorovodAllreduce.apply(compressed, average, name, op, prescale_factor, postscale_factor,
                                          process_set)
     else:
-        reduced = _now(allreduce_async, compressed, average, name, op, prescale_factor, postscale_factor,
-                                              process_set)
+        reduced = _allreduce_now(compressed, average, name, op, prescale_factor, postscale_factor, process_set,
+                                 in_place=False)
     return compression.decompress(reduced, context)
 
 
@@ -88,7 +90,26 @@ def allreduce_(tensor: torch.Tensor, average: Any = None, name: Optional[str] = 
                prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """In-place allreduce: ``tensor`` is overwritten with the result and returned (not differentiable)."""
-    return _now(allreduce_async_, tensor, average, name, op, prescale_factor, postscale_factor, process_set)
+    return _allreduce_now(tensor, average, name, op, prescale_factor, postscale_factor, process_set, in_place=True)
+
+
+def _allreduce_now(tensor: torch.Tensor, average: Any, name: Optional[str], op: Any, prescale_factor: float,
+                   postscale_factor: float, process_set: ProcessSet, *, in_place: bool) -> torch.Tensor:
+    """A synchronous allreduce: a small one of the global set that repeats the last cycle's layout
+    travels as this thread's own speculative cycle (one MPI all-reduce: a loop of small calls costs
+    about MPI's own latency); any other, or one whose speculation fails, is submitted and negotiated."""
+    if process_set is global_process_set and isinstance(tensor, torch.Tensor):
+        coordinator = basics.runtime().coordinator
+        carry = coordinator.speculation.carries.get(
+            (name, op, average, prescale_factor, postscale_factor, tensor.dtype, tensor.shape))
+        if carry is None:
+            name, carry = allreduce_carry(tensor, average, name, op, prescale_factor, postscale_factor)
+        if carry.layout is not None and tensor.is_cpu and tensor.layout == torch.strided and tensor.is_contiguous():
+            out = coordinator.allreduce_alone(tensor, carry, in_place)
+            if out is not None:
+                return out
+    return _now(allreduce_async_ if in_place else allreduce_async, tensor, average, name, op, prescale_factor,
+                postscale_factor, process_set)
 
 
 class HorovodGroupedAllreduce(torch.autograd.Function):

@@ -90,13 +90,19 @@ def _registered(process_set: Any) -> Any:
     return registered
 
 
+def signature(kind: Kind, tensor: torch.Tensor, registered: Any, *, shape: Optional[tuple] = None, op: int = -1,
+              root: int = -1, prescale: float = 1.0, postscale: float = 1.0) -> Signature:
+    """What every rank must agree on for an operation of ``kind`` on ``tensor``."""
+    return Signature(kind, str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape) if shape is None else shape,
+                     int(op), int(root), float(prescale), float(postscale), registered.process_set_id,
+                     registered.ranks)
+
+
 def _operation(kind: Kind, name: str, tensor: torch.Tensor, registered: Any, *, shape: Optional[tuple] = None,
                op: int = -1, root: int = -1, prescale: float = 1.0, postscale: float = 1.0, extra: Any = None,
                finish: Optional[Callable[[Any], Any]] = None) -> Operation:
-    signature = Signature(kind, str(tensor.dtype).replace("torch.", ""),
-                          tuple(tensor.shape) if shape is None else shape, int(op), int(root), float(prescale),
-                          float(postscale), registered.process_set_id, registered.ranks)
-    return Operation(name, signature, extra, tensor, finish)
+    return Operation(name, signature(kind, tensor, registered, shape=shape, op=op, root=root, prescale=prescale,
+                                     postscale=postscale), extra, tensor, finish)
 
 
 def _register(operations: list, combine: Callable[[list], Any]) -> int:
@@ -137,6 +143,24 @@ def _allreduce_operations(tensors: list, name: Optional[str], op: ReduceOp, pres
                                      else f"{base}.{i}", work, registered, op=op, prescale=prescale,
                                      postscale=postscale, finish=finish))
     return operations
+
+
+def allreduce_carry(tensor: torch.Tensor, average: Any, name: Optional[str], op: Any, prescale: float,
+                    postscale: float) -> tuple:
+    """(name, speculation Carry) of a single allreduce over the global set: checked and named as
+    :func:`allreduce_async` does it; kept for later calls with the same arguments when named."""
+    reduce_op = handle_average_backwards_compatibility(op, average)
+    _check_reduction(reduce_op, global_process_set)
+    registered = _registered(global_process_set)
+    _check_tensor(tensor)
+    given = name
+    name = _name(name, "allreduce", registered)
+    speculation = basics.runtime().coordinator.speculation
+    carry = speculation.carry_of(name, signature(Kind.ALLREDUCE, tensor, registered, op=reduce_op, prescale=prescale,
+                                                 postscale=postscale))
+    if given is not None:
+        speculation.remember((given, op, average, prescale, postscale, tensor.dtype, tensor.shape), carry)
+    return name, carry
 
 
 def allreduce_async(tensor: torch.Tensor, average: Any = None, name: Optional[str] = None, op: Any = None,

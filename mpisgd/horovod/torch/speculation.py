@@ -39,6 +39,7 @@ TRANSPORT = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "i
              "float16": np.float32, "bfloat16": np.float32, "uint8": np.int64, "int8": np.int64, "int16": np.int64}
 OPS = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVERAGE: MPI.SUM, ReduceOp.MIN: MPI.MIN, ReduceOp.MAX: MPI.MAX}
 _CACHE_LIMIT = 1024
+_VIEWS_KEPT = 8  # in-place tensors per Carry whose numpy view is kept
 
 
 class Layout(NamedTuple):
@@ -62,6 +63,17 @@ def layout_of(signatures: list) -> Optional[Layout]:
     return Layout(elements, dtype, first.op)
 
 
+class Carry(NamedTuple):
+    """What a synchronous allreduce of one tensor seen before needs to travel alone speculatively."""
+
+    signature: Signature
+    layout: Optional[Layout]
+    control: np.ndarray  # the control block it sends, in the layout's dtype
+    expected: bytes  # the reduced control block when every rank carried it
+    factor: float  # applied after the reduction (postscale, and 1/size for Average)
+    views: Optional[dict]  # data_ptr -> numpy view of an in-place tensor (where numpy has its dtype)
+
+
 class Speculation:
     """This rank's copy of the shared layout, and the speculative exchange of one cycle."""
 
@@ -70,10 +82,17 @@ class Speculation:
         self.layout: Optional[Layout] = None
         self._idle = 0
         self._signatures: dict = {}
-        self._buffers: dict = {}
+        self._layouts: dict = {}
+        self.carries: dict = {}  # a single allreduce's arguments -> its Carry
+        # the current layout's buffer and persistent request (MPI-4 MPI_Allreduce_init), made at its
+        # first speculative cycle, the same one on every rank; MPI does not match a persistent collective
+        # with a nonblocking one, so every rank uses the same kind (nonblocking where MPI has no persistent)
+        self._message: Optional[tuple] = None
+        self._shaped: dict = {}  # shape -> the buffer's payload in that shape (one layout's)
+        self._persistent = True
 
-    def _signature(self, operations: list) -> np.ndarray:
-        key = tuple((op.name, op.signature) for op in operations)
+    def _signature(self, key: tuple) -> np.ndarray:
+        """The control block (markers, then the signature) of operations ``key``: ((name, signature), ...)."""
         found = self._signatures.get(key)
         if found is None:
             if len(self._signatures) > _CACHE_LIMIT:
@@ -81,24 +100,51 @@ class Speculation:
             found = self._signatures[key] = np.concatenate([[1, -1], signature_of({"ops": key})])
         return found
 
+    def _expected(self, control: np.ndarray, op: int) -> np.ndarray:
+        return control * (self.size if OPS[ReduceOp(op)] == MPI.SUM else 1)
+
     def fits(self, operations: list) -> bool:
         """Whether this rank's new ``operations`` (its only ones in flight) fill the layout exactly."""
         return bool(operations) and self.layout is not None and layout_of(
             [op.signature for op in operations]) == self.layout
+
+    def _buffer(self, comm: MPI.Comm) -> tuple:
+        """(buffer, persistent request or None) of the current layout."""
+        layout = self.layout
+        assert layout is not None
+        if self._message is None or self._message[0] != layout:
+            self.free()
+            buffer = np.zeros(CONTROL + layout.elements, dtype=layout.dtype)
+            request = None
+            if self._persistent:
+                try:
+                    request = comm.Allreduce_init(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(layout.op)])
+                except NotImplementedError:  # the same library on every rank: all fall back alike
+                    self._persistent = False
+            self._message = (layout, buffer, request)
+            self._shaped.clear()
+        return self._message[1], self._message[2]
+
+    def free(self) -> None:
+        """Free the persistent request (local); after a timeout it may still be active: only dropped."""
+        from mpisgd.comm.watchdog import timed_out
+
+        if self._message is not None and self._message[2] is not None and not MPI.Is_finalized() \
+                and not timed_out():
+            self._message[2].Free()
+        self._message = None
 
     def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Any], None]) -> bool:
         """The speculative all-reduce (``carried``: this rank's operations, or None to send zeros);
         True when every rank carried the same operations, which are then complete."""
         layout = self.layout
         assert layout is not None
-        buffer = self._buffers.get(layout)
-        if buffer is None:
-            self._buffers.clear()
-            buffer = self._buffers[layout] = np.zeros(CONTROL + layout.elements, dtype=layout.dtype)
+        buffer, request = self._buffer(comm)
         if carried is None:
             buffer[:] = 0
         else:
-            buffer[:CONTROL] = self._signature(carried)
+            control = self._signature(tuple((op.name, op.signature) for op in carried))
+            buffer[:CONTROL] = control
             offset = CONTROL
             for op in carried:
                 n = op.tensor.numel()
@@ -108,16 +154,77 @@ class Speculation:
                 else:
                     view[...] = op.tensor.reshape(-1).numpy()
                 offset += n
-        wait(comm.Iallreduce(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(layout.op)]))
-        expected = (self._signature(carried) * (self.size if OPS[ReduceOp(layout.op)] == MPI.SUM else 1)
-                    if carried is not None else None)
-        if expected is None or not np.array_equal(buffer[:CONTROL], expected):
+        if request is None:
+            request = comm.Iallreduce(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(layout.op)])
+        else:
+            request.Start()
+        wait(request)
+        if carried is None or not np.array_equal(buffer[:CONTROL], self._expected(control, layout.op)):
             return False
         offset = CONTROL
-        for op in carried or ():
+        for op in carried:
             self._finish(op, buffer[offset:offset + op.tensor.numel()])
             offset += op.tensor.numel()
         return True
+
+    def carry_of(self, name: str, signature: Signature) -> Carry:
+        """The :class:`Carry` of a single allreduce: the control block the general path would send for it."""
+        layout = self._interned(layout_of([signature]))
+        dtype = layout.dtype if layout is not None else np.int64
+        control = self._signature(((name, signature),)).astype(dtype)
+        expected = self._expected(control, signature.op).tobytes() if layout is not None else b""
+        factor = signature.postscale / (len(signature.members) if signature.op == ReduceOp.AVERAGE else 1)
+        same = layout is not None and np.dtype(layout.dtype).name == signature.dtype
+        return Carry(signature, layout, control, expected, factor, {} if same else None)
+
+    def remember(self, key: tuple, carry: Carry) -> None:
+        """Keep ``carry`` for later calls with the same arguments ``key`` (bounded, as the signatures)."""
+        if len(self.carries) > _CACHE_LIMIT:
+            self.carries.clear()
+        self.carries[key] = carry
+
+    def carry_alone(self, comm: MPI.Comm, tensor: torch.Tensor, carry: Carry, in_place: bool,
+                    watchdog: Any) -> Optional[torch.Tensor]:
+        """One speculative cycle carrying ``tensor`` alone (a contiguous CPU tensor of ``carry``'s
+        signature, whose layout is the current one): its result (``tensor`` itself when ``in_place``)
+        when every rank carried the same; None when the cycle failed (nothing applied: negotiate).
+        An in-place tensor is copied through a numpy view kept by its address: a torch copy costs
+        five times a numpy one at this size (the view holds the memory: that address stays its own)."""
+        buffer, request = self._buffer(comm)
+        shaped = self._shaped.get(tensor.shape)
+        if shaped is None:  # numpy and torch views of the payload per shape: a torch view costs more than the copy
+            payload = buffer[CONTROL:].reshape(tuple(tensor.shape))
+            shaped = self._shaped[tensor.shape] = (payload, torch.from_numpy(payload))
+        view = None
+        if in_place and carry.views is not None:
+            view = carry.views.get(tensor.data_ptr())
+            if view is None:
+                if len(carry.views) >= _VIEWS_KEPT:
+                    carry.views.clear()
+                view = carry.views[tensor.data_ptr()] = tensor.detach().numpy()
+        buffer[:CONTROL] = carry.control
+        if view is not None:
+            shaped[0][...] = view
+        else:
+            shaped[1].copy_(tensor.detach())
+        if request is not None:
+            watchdog.start_and_wait("horovod speculative", request)
+        else:
+            watchdog.enter("horovod speculative")
+            watchdog.wait([comm.Iallreduce(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(carry.signature.op)])])
+        if buffer[:CONTROL].tobytes() != carry.expected:
+            return None
+        if view is not None:
+            view[...] = shaped[0]
+            out = tensor
+        elif in_place:
+            tensor.data.copy_(shaped[1])
+            out = tensor
+        else:
+            out = shaped[1].to(tensor.dtype, copy=True)
+        if carry.factor != 1.0:
+            scale_(out.data, carry.factor)
+        return out
 
     def _finish(self, op: Operation, reduced: np.ndarray) -> None:
         sig = op.signature
@@ -139,4 +246,13 @@ class Speculation:
         layout = layout_of(signatures) if ok else None
         if layout is not None and layout.dtype == np.float32 and self.size >= FLOAT32_EXACT_BELOW_RANKS:
             layout = None  # the reduced signature would no longer be exact in float32: always negotiate
-        self.layout = layout
+        self.layout = self._interned(layout)
+
+    def _interned(self, layout: Optional[Layout]) -> Optional[Layout]:
+        """One object per layout, so that a call compares its layout with the current one by identity."""
+        if layout is None:
+            return None
+        if len(self._layouts) > _CACHE_LIMIT:  # the kept Carries hold the old objects: they go too
+            self._layouts.clear()
+            self.carries.clear()
+        return self._layouts.setdefault(layout, layout)
