@@ -100,8 +100,7 @@ class Communicator:
         with self.watchdog.blocking("start-up: split the ranks across nodes"):
             self._cross: Optional[MPI.Comm] = self._mpi.Split(self.local_rank, key=self.rank)
         self._workspace: dict = {}
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.oversubscribed = self.local_size > cores
+        self.oversubscribed = self.local_size > self._node_cores()
         self.polite = {"auto": self.oversubscribed, "1": True, "0": False}[self.config.yield_when_waiting]
         self._agreement = Agreement(self.size)  # the mismatch check (agreement.py), one layout per communicator
         self._shm: Optional[SharedMemoryAllreduce] = None
@@ -182,6 +181,18 @@ class Communicator:
     def barrier(self, *, name: str = "barrier") -> None:
         """Every rank has arrived (``Ibarrier`` under the watchdog; ``name`` is what stall reports say)."""
         objects.barrier(self, name=name)
+
+    def _node_cores(self) -> int:
+        """The cores this node's ranks may run on together (the union of their CPU affinities): a
+        launcher that binds each rank to a core of its own (Open MPI's default) leaves each rank one
+        core, which is not oversubscription."""
+        if not hasattr(os, "sched_getaffinity"):
+            return os.cpu_count() or 1
+        mine = sum(1 << cpu for cpu in os.sched_getaffinity(0))
+        assert self._local is not None
+        with self.watchdog.blocking("start-up: the cores of the node's ranks"):
+            union = self._local.allreduce(mine, op=MPI.BOR)
+        return bin(union).count("1")
 
     def allreduce_numbers(self, values: Any, op: str = "sum", *, name: str) -> np.ndarray:
         """A few numbers reduced across ranks (``"sum"``, ``"max"``, ``"min"``), watched; a new array."""

@@ -342,3 +342,15 @@ def test_raise_together_reaches_every_rank():
     error = ConfigError("shard unreadable") if RANK == P - 1 else None
     with pytest.raises(ConfigError, match=f"rank {P - 1}.*shard unreadable"):
         mpisgd.get_communicator().raise_together(error)
+
+
+def test_oversubscribed_counts_the_cores_of_the_node_ranks_together():
+    """A launcher that binds each rank to its own core (Open MPI's default) is not oversubscription:
+    the node's cores are the union of its ranks' affinities (gathered here with plain mpi4py)."""
+    import os
+
+    communicator = mpisgd.get_communicator()
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    cores = set().union(*local.allgather(sorted(os.sched_getaffinity(0))))
+    assert communicator.oversubscribed == (local.Get_size() > len(cores))
+    local.Free()
