@@ -183,7 +183,6 @@ class Coordinator:
             return out
         finally:
             self._cycle_lock.release()
-            self._last_driven = time.monotonic()
 
     def stop(self, timeout: float = 60.0) -> None:
         """Ask every rank to stop (through the next cycle) and wait for this rank's thread."""

@@ -63,6 +63,25 @@ def layout_of(signatures: list) -> Optional[Layout]:
     return Layout(elements, dtype, first.op)
 
 
+class Message:
+    """The current layout's buffer (control block, then payload) and its persistent request (None where
+    MPI has none: then a nonblocking all-reduce per cycle, alike on every rank)."""
+
+    def __init__(self, comm: MPI.Comm, layout: Layout, persistent: bool) -> None:
+        self.layout = layout
+        self.buffer = np.zeros(CONTROL + layout.elements, dtype=layout.dtype)
+        self.head = self.buffer[:CONTROL]
+        self.op = OPS[ReduceOp(layout.op)]
+        self.request = comm.Allreduce_init(MPI.IN_PLACE, self.buffer, op=self.op) if persistent else None
+
+    def reduce(self, comm: MPI.Comm, wait: Callable[[Any], None]) -> None:
+        if self.request is None:
+            wait(comm.Iallreduce(MPI.IN_PLACE, self.buffer, op=self.op))
+        else:
+            self.request.Start()
+            wait(self.request)
+
+
 class Carry(NamedTuple):
     """What a synchronous allreduce of one tensor seen before needs to travel alone speculatively."""
 
@@ -72,6 +91,7 @@ class Carry(NamedTuple):
     expected: bytes  # the reduced control block when every rank carried it
     factor: float  # applied after the reduction (postscale, and 1/size for Average)
     views: Optional[dict]  # data_ptr -> numpy view of an in-place tensor (where numpy has its dtype)
+    payload: list  # [the Message, its payload in numpy and torch in this call's shape], made at first use
 
 
 class Speculation:
@@ -87,8 +107,7 @@ class Speculation:
         # the current layout's buffer and persistent request (MPI-4 MPI_Allreduce_init), made at its
         # first speculative cycle, the same one on every rank; MPI does not match a persistent collective
         # with a nonblocking one, so every rank uses the same kind (nonblocking where MPI has no persistent)
-        self._message: Optional[tuple] = None
-        self._shaped: dict = {}  # shape -> the buffer's payload in that shape (one layout's)
+        self._message: Optional[Message] = None
         self._persistent = True
 
     def _signature(self, key: tuple) -> np.ndarray:
@@ -108,43 +127,38 @@ class Speculation:
         return bool(operations) and self.layout is not None and layout_of(
             [op.signature for op in operations]) == self.layout
 
-    def _buffer(self, comm: MPI.Comm) -> tuple:
-        """(buffer, persistent request or None) of the current layout."""
+    def _current(self, comm: MPI.Comm) -> Message:
+        """The current layout's message, made at its first speculative cycle (the same on every rank)."""
         layout = self.layout
         assert layout is not None
-        if self._message is None or self._message[0] != layout:
+        if self._message is None or self._message.layout is not layout:
             self.free()
-            buffer = np.zeros(CONTROL + layout.elements, dtype=layout.dtype)
-            request = None
-            if self._persistent:
-                try:
-                    request = comm.Allreduce_init(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(layout.op)])
-                except NotImplementedError:  # the same library on every rank: all fall back alike
-                    self._persistent = False
-            self._message = (layout, buffer, request)
-            self._shaped.clear()
-        return self._message[1], self._message[2]
+            try:
+                self._message = Message(comm, layout, self._persistent)
+            except NotImplementedError:  # the same library on every rank: all fall back alike
+                self._persistent = False
+                self._message = Message(comm, layout, False)
+        return self._message
 
     def free(self) -> None:
         """Free the persistent request (local); after a timeout it may still be active: only dropped."""
         from mpisgd.comm.watchdog import timed_out
 
-        if self._message is not None and self._message[2] is not None and not MPI.Is_finalized() \
+        if self._message is not None and self._message.request is not None and not MPI.Is_finalized() \
                 and not timed_out():
-            self._message[2].Free()
+            self._message.request.Free()
         self._message = None
 
     def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Any], None]) -> bool:
         """The speculative all-reduce (``carried``: this rank's operations, or None to send zeros);
         True when every rank carried the same operations, which are then complete."""
-        layout = self.layout
-        assert layout is not None
-        buffer, request = self._buffer(comm)
+        message = self._current(comm)
+        buffer = message.buffer
         if carried is None:
             buffer[:] = 0
         else:
             control = self._signature(tuple((op.name, op.signature) for op in carried))
-            buffer[:CONTROL] = control
+            message.head[...] = control
             offset = CONTROL
             for op in carried:
                 n = op.tensor.numel()
@@ -154,12 +168,8 @@ class Speculation:
                 else:
                     view[...] = op.tensor.reshape(-1).numpy()
                 offset += n
-        if request is None:
-            request = comm.Iallreduce(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(layout.op)])
-        else:
-            request.Start()
-        wait(request)
-        if carried is None or not np.array_equal(buffer[:CONTROL], self._expected(control, layout.op)):
+        message.reduce(comm, wait)
+        if carried is None or not np.array_equal(message.head, self._expected(control, message.layout.op)):
             return False
         offset = CONTROL
         for op in carried:
@@ -175,7 +185,7 @@ class Speculation:
         expected = self._expected(control, signature.op).tobytes() if layout is not None else b""
         factor = signature.postscale / (len(signature.members) if signature.op == ReduceOp.AVERAGE else 1)
         same = layout is not None and np.dtype(layout.dtype).name == signature.dtype
-        return Carry(signature, layout, control, expected, factor, {} if same else None)
+        return Carry(signature, layout, control, expected, factor, {} if same else None, [None, None, None])
 
     def remember(self, key: tuple, carry: Carry) -> None:
         """Keep ``carry`` for later calls with the same arguments ``key`` (bounded, as the signatures)."""
@@ -190,11 +200,12 @@ class Speculation:
         when every rank carried the same; None when the cycle failed (nothing applied: negotiate).
         An in-place tensor is copied through a numpy view kept by its address: a torch copy costs
         five times a numpy one at this size (the view holds the memory: that address stays its own)."""
-        buffer, request = self._buffer(comm)
-        shaped = self._shaped.get(tensor.shape)
-        if shaped is None:  # numpy and torch views of the payload per shape: a torch view costs more than the copy
-            payload = buffer[CONTROL:].reshape(tuple(tensor.shape))
-            shaped = self._shaped[tensor.shape] = (payload, torch.from_numpy(payload))
+        message, payload, shaped = carry.payload
+        if message is not self._message or message is None:
+            message = self._current(comm)
+            payload = message.buffer[CONTROL:].reshape(carry.signature.shape)
+            shaped = torch.from_numpy(payload)
+            carry.payload[:] = message, payload, shaped
         view = None
         if in_place and carry.views is not None:
             view = carry.views.get(tensor.data_ptr())
@@ -202,26 +213,26 @@ class Speculation:
                 if len(carry.views) >= _VIEWS_KEPT:
                     carry.views.clear()
                 view = carry.views[tensor.data_ptr()] = tensor.detach().numpy()
-        buffer[:CONTROL] = carry.control
+        message.head[...] = carry.control
         if view is not None:
-            shaped[0][...] = view
+            payload[...] = view
         else:
-            shaped[1].copy_(tensor.detach())
-        if request is not None:
-            watchdog.start_and_wait("horovod speculative", request)
+            shaped.copy_(tensor.detach())
+        if message.request is not None:
+            watchdog.start_and_wait("horovod speculative", message.request)
         else:
             watchdog.enter("horovod speculative")
-            watchdog.wait([comm.Iallreduce(MPI.IN_PLACE, buffer, op=OPS[ReduceOp(carry.signature.op)])])
-        if buffer[:CONTROL].tobytes() != carry.expected:
+            watchdog.wait([comm.Iallreduce(MPI.IN_PLACE, message.buffer, op=message.op)])
+        if message.head.tobytes() != carry.expected:
             return None
         if view is not None:
-            view[...] = shaped[0]
+            view[...] = payload
             out = tensor
         elif in_place:
-            tensor.data.copy_(shaped[1])
+            tensor.data.copy_(shaped)
             out = tensor
         else:
-            out = shaped[1].to(tensor.dtype, copy=True)
+            out = shaped.to(tensor.dtype, copy=True)
         if carry.factor != 1.0:
             scale_(out.data, carry.factor)
         return out
