@@ -65,7 +65,7 @@ VARIABLES = {v.name: v for v in [
     Variable("MPISGD_CUDA_AWARE", _flag, "override the detection of CUDA-aware MPI"),
     Variable("MPISGD_HOROVOD_SPECULATION", _choice("auto", "on", "off"),
              "mpisgd.horovod: a repeated small allreduce travels in one message, without a negotiation "
-             "(auto: unless a node has more ranks than cores, where it costs more than it saves)"),
+             "(auto: on)"),
     Variable("MPISGD_SHM", _flag, "allow the shared-memory window (shm, hier) on one node"),
     Variable("MPISGD_ALLOW_SINGLETON", _flag,
              "run as one rank even where the launcher's variables (PMI_SIZE, OMPI_COMM_WORLD_SIZE, "

@@ -24,7 +24,7 @@ multi_rank = pytest.mark.skipif(P < 2, reason="needs two ranks")
 def horovod():
     saved = os.environ.get("HOROVOD_CYCLE_TIME")
     os.environ["HOROVOD_CYCLE_TIME"] = "10000"
-    os.environ["MPISGD_HOROVOD_SPECULATION"] = "on"  # also where ranks outnumber cores (auto: off there)
+    os.environ["MPISGD_HOROVOD_SPECULATION"] = "on"
     hvd.init()
     yield
     hvd.shutdown()

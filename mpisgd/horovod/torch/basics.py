@@ -80,8 +80,7 @@ class Settings:
     ``stall_shutdown_s``: fail them with HorovodInternalError after this long
     (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, 0 = never); ``cache_capacity``: names remembered for the
     compact steady-state negotiation (HOROVOD_CACHE_CAPACITY, 1024); ``speculation``: send a repeated
-    small allreduce in one message without a negotiation (MPISGD_HOROVOD_SPECULATION: auto = unless a node
-    has more ranks than cores, on, off).
+    small allreduce in one message without a negotiation (MPISGD_HOROVOD_SPECULATION: auto = on, or off).
     """
 
     fusion_threshold_bytes: int = 128 << 20
