@@ -330,10 +330,12 @@ class Coordinator:
         urgent (a small collective needs microseconds), then backs off politely (it shares the core
         with the training)."""
         self.watchdog.enter(f"horovod {what}")  # on every rank, for every message: the board's count
-        if urgent and threading.current_thread() is not self._thread:
-            # a user thread waits for its result: as every mpisgd collective waits (inline polls, a spin
-            # that yields the core, then sleeps). Sleeps from the first miss cost 4 ranks on 2 cores
-            # 1.4 ms a synchronized allreduce (0.8 ms so), and 7.4 ms with speculation (0.4 ms so).
+        if urgent and threading.current_thread() is not self._thread and (what == "speculative" or not self._polite):
+            # a user thread waits for its result as mpisgd's collectives do (inline polls, a spin that
+            # yields the core, then sleeps): with sleeps from the first miss, 4 ranks on 2 cores took
+            # 7.4 ms a speculated small allreduce (0.4 ms so). Where ranks outnumber cores a negotiation
+            # still backs off politely: it mostly waits for a peer's computation, which needs the core
+            # (a training step at p=4 on 2 cores: 67 steps/s so, 37 spinning).
             self.watchdog.wait([request])
             return
         deadline = time.perf_counter() + (SPIN_S if urgent and not self._polite else 0.0)
