@@ -218,10 +218,20 @@ def _resume(cfg: Any, comm: Communicator, mp: ModelParallel, optimizer: Optional
             train: Any) -> int:
     """Load the checkpoint to resume from (written at any K or T) on every rank; returns its step (0:
     ``--resume auto`` found none)."""
+    from mpisgd.checkpoint import read_writer
+    from mpisgd.training.config import SERVER_STRATEGIES
     from mpisgd.training.loop import resume_from_checkpoint  # verified, with --resume auto's fallback
 
-    resumed = resume_from_checkpoint(cfg, comm, lambda sections: sections,
-                                     load=lambda path: mp.load_checkpoint(path, optimizer))
+    def load(path: Any) -> dict:
+        try:
+            strategy = read_writer(path).get("strategy")
+        except Exception:  # unreadable: the verified load says what is wrong with the file
+            strategy = None
+        if strategy in SERVER_STRATEGIES:  # shards and worker rows, not one model's optimizer and data position
+            raise ConfigError(f"it was written by strategy {strategy!r}; resume it with that strategy")
+        return mp.load_checkpoint(path, optimizer)
+
+    resumed = resume_from_checkpoint(cfg, comm, lambda sections: sections, load=load)
     if resumed is None:  # --resume auto and no checkpoint yet
         return 0
     sections = resumed[0]

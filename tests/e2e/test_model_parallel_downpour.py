@@ -173,3 +173,16 @@ def test_info_refuses_a_grid_that_does_not_factor_on_every_rank():
     result = run_mpi(3, [mpisgd_command(), "info", "--stages", "2"], timeout=TIMEOUT)
     assert result.returncode == 2, result.stdout
     assert result.stdout.count("do not factor") == 3, result.stdout
+
+
+def test_a_synchronous_split_job_refuses_a_parameter_server_checkpoint_on_every_rank(tmp_path, data):
+    """A Downpour checkpoint keeps the workers' rows, not one data position: sync --stages says so and exits 2."""
+    first = run_mpi(3, [mpisgd_command(), "train", "--strategy", "downpour", *data, *COMMON, "--servers", "1",
+                        "--max-steps", "4", "--checkpoint-dir", str(tmp_path)], timeout=TIMEOUT)
+    assert first.returncode == 0, first.stdout
+    second = run_mpi(2, [mpisgd_command(), "train", "--strategy", "sync", *data, *COMMON, "--stages", "2",
+                         "--micro-batches", "2", "--max-steps", "8", "--checkpoint-dir", str(tmp_path), "--resume"],
+                     timeout=TIMEOUT)
+    assert second.returncode == 2, second.stdout
+    assert "written by strategy 'downpour'" in second.stdout and "KeyError" not in second.stdout
+    assert len(re.findall(r"rank [01]\b.*written by strategy 'downpour'", second.stdout)) >= 1
