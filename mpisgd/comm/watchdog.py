@@ -317,15 +317,18 @@ class Watchdog:
         """:meth:`enter` ``name``, start the persistent MPI ``request`` and :meth:`wait` for it: a repeated
         small collective's whole call, with the fewest Python calls (its latency is a few microseconds)."""
         self.enter(name)
-        request.Start()
         if self.settings.timeout <= 0:
+            request.Start()
             request.Wait()
             return
-        self._poll_then_wait(request.Test)
+        self._poll_then_wait(request.Test, start=request.Start)
 
-    def _poll_then_wait(self, done: Callable[[], bool]) -> None:
-        """A few inline polls (where a small collective completes), then :meth:`wait_for`."""
+    def _poll_then_wait(self, done: Callable[[], bool], start: Optional[Callable[[], Any]] = None) -> None:
+        """``start()`` (where given), a few inline polls (where a small collective completes), then
+        :meth:`wait_for`; an interrupt anywhere after the start leaves the collective unfinished."""
         try:
+            if start is not None:
+                start()
             for _ in _FAST_POLLS:
                 if done():
                     return

@@ -116,26 +116,41 @@ def test_mismatch_after_a_speculated_call_raises_on_every_rank(case):
     torch.testing.assert_close(hvd.allreduce(torch.ones(2), op=hvd.Sum, name=name), torch.full((2,), float(P)))
 
 
+def count_general_cycles(monkeypatch) -> list:
+    """The coordinator's general cycles from now on (a synchronous call that travels alone runs none)."""
+    coordinator, general = runtime().coordinator, []
+    cycle = coordinator._cycle
+    monkeypatch.setattr(coordinator, "_cycle", lambda *a, **k: (general.append(1), cycle(*a, **k)))
+    return general
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
                                    torch.int64], ids=str)
 def test_repeated_in_place_allreduce_is_one_message_and_matches_reference(dtype, monkeypatch):
     """The synchronous call's own cycle (Coordinator.allreduce_alone: no general cycle runs), through a
-    kept numpy view where numpy has the dtype; a parameter (requires grad) too, and the same tensor returned."""
+    kept numpy view where numpy has the dtype and the tensor owns its memory: a parameter (requires
+    grad), fresh tensors at new addresses, and a row of a larger buffer whose neighbours stay as they were."""
     name = f"spec.inplace.{dtype}"
     work = torch.nn.Parameter(data((3, 40), dtype, 0), requires_grad=True) if dtype.is_floating_point \
         else data((3, 40), dtype, 0)
     for _ in range(2):  # negotiated: the first learns the layout, the second ends the failed speculation's cooldown
         hvd.allreduce_(work, name=name, op=hvd.Sum)
     start = negotiated_cycles()
-    coordinator, general = runtime().coordinator, []
-    cycle = coordinator._cycle
-    monkeypatch.setattr(coordinator, "_cycle", lambda *a, **k: (general.append(1), cycle(*a, **k)))
+    general = count_general_cycles(monkeypatch)
+    tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
     for salt in (1, 2, 3):
         x = data((3, 40), dtype, salt)
         work.data.copy_(x)
         assert hvd.allreduce_(work, name=name, op=hvd.Sum) is work
-        tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
         torch.testing.assert_close(work.detach(), reference(x, hvd.Sum), rtol=tolerance, atol=tolerance * P)
+        fresh = x.clone()  # another address each time
+        assert hvd.allreduce_(fresh, name=name, op=hvd.Sum) is fresh
+        torch.testing.assert_close(fresh, reference(x, hvd.Sum), rtol=tolerance, atol=tolerance * P)
+        rows = torch.stack([data((3, 40), dtype, 50 + salt), x, data((3, 40), dtype, 60 + salt)])
+        before = rows.clone()
+        hvd.allreduce_(rows[1], name=name, op=hvd.Sum)  # a view into a larger buffer: copied through torch
+        torch.testing.assert_close(rows[1], reference(x, hvd.Sum), rtol=tolerance, atol=tolerance * P)
+        assert torch.equal(rows[0], before[0]) and torch.equal(rows[2], before[2])
     assert negotiated_cycles() == start and not general
 
 
@@ -144,29 +159,39 @@ def test_unnamed_repeated_allreduce_speculates_and_names_alike():
     for _ in range(2):
         hvd.allreduce(x, op=hvd.Average)
     start = negotiated_cycles()
-    for _ in range(3):
-        torch.testing.assert_close(hvd.allreduce(x, op=hvd.Average), reference(x, hvd.Average))
+    results = [hvd.allreduce(x, op=hvd.Average) for _ in range(3)]
+    for result in results:  # each its own tensor, not the message's buffer
+        torch.testing.assert_close(result, reference(x, hvd.Average))
+    assert len({r.data_ptr() for r in results}) == 3
     assert negotiated_cycles() == start
     handle = hvd.allreduce_async(x, op=hvd.Average)  # the auto-name counters stayed in step
     torch.testing.assert_close(hvd.synchronize(handle), reference(x, hvd.Average))
 
 
 @multi_rank
-@pytest.mark.parametrize("other", ["async", "strided"])
-def test_a_rank_off_the_synchronous_path_still_matches(other):
-    """One rank reduces through the general path (an async handle, or a tensor the synchronous path
-    does not take): its cycle sends the same speculative message, so every rank still agrees."""
-    name = f"spec.mixed.{other}"
-    x = data((8, 16), torch.float32, 9)
+@pytest.mark.parametrize("other", ["async", "strided", "async-unnamed"])
+@pytest.mark.parametrize("dtype, op", [(torch.float32, hvd.Sum), (torch.float64, hvd.Average), (torch.float16, hvd.Max),
+                                       (torch.int64, hvd.Min)], ids=["f32-sum", "f64-average", "f16-max", "i64-min"])
+def test_a_rank_off_the_synchronous_path_still_matches(other, dtype, op, monkeypatch):
+    """One rank reduces through the general path (an async handle, or a tensor the synchronous path does
+    not take) while the others' calls travel alone: its cycle sends the same speculative message, so every
+    rank agrees, with the same bits, and no rank negotiates; unnamed, the auto-name counters stay in step."""
+    name = None if other == "async-unnamed" else f"spec.mixed.{other}.{dtype}.{op}"
+    x = data((8, 16), dtype, 9)
     for _ in range(2):
-        hvd.allreduce(x, name=name, op=hvd.Sum)
+        hvd.allreduce(x, name=name, op=op)
     start = negotiated_cycles()
+    general = count_general_cycles(monkeypatch)
+    off_path = RANK == P - 1
     for _ in range(3):
-        if RANK == P - 1 and other == "async":
-            result = hvd.synchronize(hvd.allreduce_async(x, name=name, op=hvd.Sum))
-        elif RANK == P - 1:  # the same values, not contiguous: snapshot and submitted
-            result = hvd.allreduce(x.t().contiguous().t(), name=name, op=hvd.Sum)
+        if off_path and other != "strided":
+            result = hvd.synchronize(hvd.allreduce_async(x, name=name, op=op))
+        elif off_path:  # the same values, not contiguous: snapshot and submitted
+            result = hvd.allreduce(x.t().contiguous().t(), name=name, op=op)
         else:
-            result = hvd.allreduce(x, name=name, op=hvd.Sum)
-        torch.testing.assert_close(result, reference(x, hvd.Sum))
+            result = hvd.allreduce(x, name=name, op=op)
+        tolerance = 1e-2 if dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(result, reference(x, op), rtol=tolerance, atol=tolerance)
+        assert len(set(WORLD.allgather(result.numpy().tobytes()))) == 1
     assert negotiated_cycles() == start
+    assert bool(general) == off_path  # the others' calls never ran a general cycle

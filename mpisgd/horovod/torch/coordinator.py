@@ -21,7 +21,7 @@ import logging
 import pickle
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Optional
 
@@ -160,17 +160,23 @@ class Coordinator:
         layout): the whole call is then one MPI all-reduce and two copies. Its result when it is done;
         None when it was not sent, or the cycle failed as a speculation does (the next cycles
         negotiate): submit it then."""
-        if not self._speculating or self._cooldown or carry.layout is not self.speculation.layout:
+        if not self._carries(carry):  # a cheap look first; checked again under the cycle lock
             return None
         self._last_driven = time.monotonic()  # the background thread stays out of a loop of such calls
         if not self._cycle_lock.acquire(blocking=False):
             return None
         try:
-            if self._queue or self._in_flight or self._join is not None or self._stop_requested or self.stopped \
-                    or self.negotiator.pending or self.negotiator.joined:
-                return None  # (reads of flags other threads set under the lock: a late one waits a cycle)
+            # what every cycle writes (cooldown, layout) is written under the cycle lock: exact here; the
+            # queue and join flags other threads set under self._lock: a late one waits for the next cycle
+            if not self._carries(carry) or self._queue or self._in_flight or self._join is not None \
+                    or self._stop_requested or self.stopped or self.negotiator.pending or self.negotiator.joined:
+                return None
             try:
-                out = self.speculation.carry_alone(self.comm, tensor, carry, in_place, self.watchdog)
+                prepared = self.speculation.prepare(self.comm, tensor, carry, in_place)
+            except Exception:  # nothing sent yet: the general path says what is wrong
+                return None
+            try:
+                out = self.speculation.carry_alone(self.comm, tensor, carry, prepared, self.watchdog)
             except Exception as exc:
                 self._broken(exc)
                 raise HorovodInternalError(f"coordinator failed: {type(exc).__name__}: {exc}") from exc
@@ -183,6 +189,12 @@ class Coordinator:
             return out
         finally:
             self._cycle_lock.release()
+
+    def _carries(self, carry: Carry) -> bool:
+        """Whether this rank's next cycle speculates with ``carry``'s layout."""
+        layout = self.speculation.layout
+        return self._speculating and not self._cooldown and layout is not None and (
+            carry.layout is layout or carry.layout == layout)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Ask every rank to stop (through the next cycle) and wait for this rank's thread."""
@@ -210,14 +222,16 @@ class Coordinator:
                         continue
                     # a thread that drives calls after calls (a loop of synchronous collectives) keeps the
                     # cycles to itself: a background cycle slipped in between would miss its speculation
-                    recently_driven = time.monotonic() - self._last_driven < self.settings.cycle_time_s
-                    if self._drivers or self._gathering() or (recently_driven and not self._stop_requested):
+                    if self._drivers or self._gathering() or (self._recently_driven() and not self._stop_requested):
                         continue
                 with self._cycle_lock:
-                    if not self.stopped:
+                    if not self.stopped and (self._stop_requested or not self._recently_driven()):
                         self._cycle()
         except BaseException as exc:
             self._broken(exc)
+
+    def _recently_driven(self) -> bool:
+        return time.monotonic() - self._last_driven < self.settings.cycle_time_s
 
     def _broken(self, exc: BaseException) -> None:
         """A cycle failed (a peer stopped answering: CollectiveTimeout; or a bug): no waiter may hang, so
@@ -283,7 +297,7 @@ class Coordinator:
                 or self.negotiator.joined or self._cooldown):
             return False
         carried = submitted if may_carry and self.speculation.fits(submitted) else None
-        if not self.speculation.exchange(self.comm, carried, lambda r: self._complete(r, urgent, "speculative")):
+        if not self.speculation.exchange(self.comm, carried, lambda start: self._complete(start, urgent, "speculative")):
             self._cooldown = COOLDOWN_CYCLES
             return False
         self._idle_cycles = 0
@@ -310,7 +324,7 @@ class Coordinator:
         self._send[:HEADER] = np.frombuffer(np.int64(length).tobytes(), dtype=np.uint8)
         if length <= SLOT_BYTES - HEADER:
             self._send[HEADER:HEADER + length] = np.frombuffer(payload, dtype=np.uint8)
-        self._complete(self.comm.Iallgather(self._send, self._recv), urgent, "negotiation")
+        self._complete(lambda: self.comm.Iallgather(self._send, self._recv), urgent, "negotiation")
         slots = self._recv.reshape(self.size, SLOT_BYTES)
         lengths = [int(np.frombuffer(slots[r, :HEADER].tobytes(), dtype=np.int64)[0]) for r in range(self.size)]
         if max(lengths) <= SLOT_BYTES - HEADER:
@@ -320,16 +334,17 @@ class Coordinator:
         received = np.empty(sum(large), dtype=np.uint8)
         own = np.frombuffer(payload, dtype=np.uint8) if large[self.rank] else np.empty(0, dtype=np.uint8)
         offsets = [sum(large[:r]) for r in range(self.size)]
-        self._complete(self.comm.Iallgatherv(own, [received, large, offsets, MPI.BYTE]), urgent, "negotiation")
+        self._complete(lambda: self.comm.Iallgatherv(own, [received, large, offsets, MPI.BYTE]), urgent, "negotiation")
         return [pickle.loads(received[offsets[r]:offsets[r] + n].tobytes()) if large[r]
                 else pickle.loads(slots[r, HEADER:HEADER + n].tobytes()) for r, n in enumerate(lengths)]
 
-    def _complete(self, request: MPI.Request, urgent: bool, what: str) -> None:
+    def _complete(self, start: Callable[[], MPI.Request], urgent: bool, what: str) -> None:
         """Wait under the watchdog's deadline (a rank frozen mid-job must not hang the rest): a user
         thread as mpisgd's collectives do; the background thread polls without pausing for a moment when
         urgent (a small collective needs microseconds), then backs off politely (it shares the core
         with the training)."""
         self.watchdog.enter(f"horovod {what}")  # on every rank, for every message: the board's count
+        request = start()  # after the entry, which refuses a communicator with a collective left unfinished
         if urgent and threading.current_thread() is not self._thread and (what == "speculative" or not self._polite):
             # a user thread waits for its result as mpisgd's collectives do (inline polls, a spin that
             # yields the core, then sleeps): with sleeps from the first miss, 4 ranks on 2 cores took

@@ -152,9 +152,9 @@ def allreduce_carry(tensor: torch.Tensor, average: Any, name: Optional[str], op:
     reduce_op = handle_average_backwards_compatibility(op, average)
     _check_reduction(reduce_op, global_process_set)
     registered = _registered(global_process_set)
-    _check_tensor(tensor)
     given = name
-    name = _name(name, "allreduce", registered)
+    name = _name(name, "allreduce", registered)  # before the tensor's check, as allreduce_async: counters in step
+    _check_tensor(tensor)
     speculation = basics.runtime().coordinator.speculation
     carry = speculation.carry_of(name, signature(Kind.ALLREDUCE, tensor, registered, op=reduce_op, prescale=prescale,
                                                  postscale=postscale))

@@ -74,12 +74,17 @@ class Message:
         self.op = OPS[ReduceOp(layout.op)]
         self.request = comm.Allreduce_init(MPI.IN_PLACE, self.buffer, op=self.op) if persistent else None
 
-    def reduce(self, comm: MPI.Comm, wait: Callable[[Any], None]) -> None:
+    def reduce(self, comm: MPI.Comm, wait: Callable[[Callable[[], Any]], None]) -> None:
+        """Reduce the buffer in place through ``wait(start)``, which enters the collective, then posts it."""
         if self.request is None:
-            wait(comm.Iallreduce(MPI.IN_PLACE, self.buffer, op=self.op))
+            wait(lambda: comm.Iallreduce(MPI.IN_PLACE, self.buffer, op=self.op))
         else:
-            self.request.Start()
-            wait(self.request)
+            wait(self._restart)
+
+    def _restart(self) -> Any:
+        assert self.request is not None
+        self.request.Start()
+        return self.request
 
 
 class Carry(NamedTuple):
@@ -131,7 +136,7 @@ class Speculation:
         """The current layout's message, made at its first speculative cycle (the same on every rank)."""
         layout = self.layout
         assert layout is not None
-        if self._message is None or self._message.layout is not layout:
+        if self._message is None or self._message.layout != layout:  # equal on every rank (interning is local)
             self.free()
             try:
                 self._message = Message(comm, layout, self._persistent)
@@ -149,7 +154,7 @@ class Speculation:
             self._message.request.Free()
         self._message = None
 
-    def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Any], None]) -> bool:
+    def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Callable[[], Any]], None]) -> bool:
         """The speculative all-reduce (``carried``: this rank's operations, or None to send zeros);
         True when every rank carried the same operations, which are then complete."""
         message = self._current(comm)
@@ -193,13 +198,11 @@ class Speculation:
             self.carries.clear()
         self.carries[key] = carry
 
-    def carry_alone(self, comm: MPI.Comm, tensor: torch.Tensor, carry: Carry, in_place: bool,
-                    watchdog: Any) -> Optional[torch.Tensor]:
-        """One speculative cycle carrying ``tensor`` alone (a contiguous CPU tensor of ``carry``'s
-        signature, whose layout is the current one): its result (``tensor`` itself when ``in_place``)
-        when every rank carried the same; None when the cycle failed (nothing applied: negotiate).
-        An in-place tensor is copied through a numpy view kept by its address: a torch copy costs
-        five times a numpy one at this size (the view holds the memory: that address stays its own)."""
+    def prepare(self, comm: MPI.Comm, tensor: torch.Tensor, carry: Carry, in_place: bool) -> tuple:
+        """What :meth:`carry_alone` sends and reads: (message, payload in numpy and torch, the tensor's
+        numpy view or None, ``in_place``). An in-place tensor that owns its memory is copied through a numpy view kept by
+        its address (a torch copy of 4 KiB costs five times numpy's; the view holds the memory, so that
+        address stays the tensor's)."""
         message, payload, shaped = carry.payload
         if message is not self._message or message is None:
             message = self._current(comm)
@@ -209,10 +212,20 @@ class Speculation:
         view = None
         if in_place and carry.views is not None:
             view = carry.views.get(tensor.data_ptr())
-            if view is None:
+            if view is None and tensor.storage_offset() == 0 \
+                    and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
                 if len(carry.views) >= _VIEWS_KEPT:
                     carry.views.clear()
                 view = carry.views[tensor.data_ptr()] = tensor.detach().numpy()
+        return message, payload, shaped, view, in_place
+
+    def carry_alone(self, comm: MPI.Comm, tensor: torch.Tensor, carry: Carry, prepared: tuple,
+                    watchdog: Any) -> Optional[torch.Tensor]:
+        """One speculative cycle carrying ``tensor`` alone (a contiguous CPU tensor of ``carry``'s
+        signature, whose layout is the current one; ``prepared`` by :meth:`prepare`): its result
+        (``tensor`` itself when in place) when every rank carried the same; None when the cycle failed
+        (nothing applied: negotiate)."""
+        message, payload, shaped, view, in_place = prepared
         message.head[...] = carry.control
         if view is not None:
             payload[...] = view
