@@ -68,6 +68,11 @@ def scale_(tensor: torch.Tensor, factor: float) -> None:
         tensor.copy_(tensor.double().mul_(factor))
 
 
+def after_reduction(signature: Signature) -> float:
+    """The factor applied to a reduced tensor: the postscale, and 1/size of the set for Average."""
+    return signature.postscale / (len(signature.members) if signature.op == ReduceOp.AVERAGE else 1)
+
+
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A writable byte view of a contiguous CPU tensor (any dtype)."""
     return tensor.reshape(-1).view(torch.uint8).numpy()
@@ -144,7 +149,7 @@ class Executor:
             for t, w in zip(tensors, work):
                 if w is not t:
                     t.copy_(w)
-        postscale = sig.postscale / (len(sig.members) if op == ReduceOp.AVERAGE else 1)
+        postscale = after_reduction(sig)
         for t in tensors:
             scale_(t, postscale)
         return tensors

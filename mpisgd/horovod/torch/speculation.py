@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from mpisgd.comm.agreement import FLOAT32_EXACT_BELOW_RANKS, SIGNATURE, signature_of
 from mpisgd.horovod.torch.basics import ReduceOp
-from mpisgd.horovod.torch.executor import Operation, scale_
+from mpisgd.horovod.torch.executor import Operation, after_reduction, scale_
 from mpisgd.horovod.torch.negotiation import Kind, Signature
 
 #: allreduces of up to this many bytes (all of a cycle together) speculate; larger ones are negotiated
@@ -188,7 +188,7 @@ class Speculation:
         dtype = layout.dtype if layout is not None else np.int64
         control = self._signature(((name, signature),)).astype(dtype)
         expected = self._expected(control, signature.op).tobytes() if layout is not None else b""
-        factor = signature.postscale / (len(signature.members) if signature.op == ReduceOp.AVERAGE else 1)
+        factor = after_reduction(signature)
         same = layout is not None and np.dtype(layout.dtype).name == signature.dtype
         return Carry(signature, layout, control, expected, factor, {} if same else None, [None, None, None])
 
@@ -233,9 +233,8 @@ class Speculation:
             shaped.copy_(tensor.detach())
         if message.request is not None:
             watchdog.start_and_wait("horovod speculative", message.request)
-        else:
-            watchdog.enter("horovod speculative")
-            watchdog.wait([comm.Iallreduce(MPI.IN_PLACE, message.buffer, op=message.op)])
+        else:  # no persistent collectives: the message's own nonblocking reduction
+            message.reduce(comm, lambda start: (watchdog.enter("horovod speculative"), watchdog.wait([start()])))
         if message.head.tobytes() != carry.expected:
             return None
         if view is not None:
@@ -254,7 +253,7 @@ class Speculation:
         sig = op.signature
         with torch.no_grad():
             op.tensor.reshape(-1).copy_(torch.from_numpy(reduced))
-        scale_(op.tensor, sig.postscale / (len(sig.members) if sig.op == ReduceOp.AVERAGE else 1))
+        scale_(op.tensor, after_reduction(sig))
         op.complete(op.tensor)
 
     def learn(self, responses: list, traffic: bool) -> None:
