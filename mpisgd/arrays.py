@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,8 @@ try:  # torch is a dependency, but keep `mpisgd info` usable if it is broken
     import torch
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None  # type: ignore[assignment]
+
+TORCH_TENSOR: Any = torch.Tensor if torch is not None else ()  # for isinstance: no tensor without torch
 
 try:
     import cupy
@@ -380,6 +383,23 @@ def copy_from_flat(arr, src, divisor: int = 1) -> None:
         arr[...] = cupy.asarray(src).reshape(arr.shape).astype(arr.dtype)
     else:
         cupy.divide(cupy.asarray(src).reshape(arr.shape), divisor, out=arr, casting="unsafe")
+
+
+def cat_tensors_into(flat: np.ndarray, tensors: Sequence[Any]) -> None:
+    """flat <- CPU tensors of flat's dtype, flattened one after the other, in one torch call."""
+    with torch.no_grad():
+        torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors], out=torch.from_numpy(flat))
+
+
+def split_tensors_from(flat: np.ndarray, tensors: Sequence[Any], sizes: Sequence[int], divisor: int = 1) -> None:
+    """CPU tensors of flat's dtype <- their consecutive slices of flat (of ``sizes`` elements) / divisor, in
+    one torch call: an in-place torch copy, which counts the write (autograd's check) and refuses overlaps."""
+    pieces = torch.from_numpy(flat).split(list(sizes))
+    sources = [p if t.dim() == 1 else p.view(t.shape) for p, t in zip(pieces, tensors)]
+    with torch.no_grad():
+        torch._foreach_copy_(list(tensors), sources)
+        if divisor != 1:
+            torch._foreach_div_(list(tensors), divisor)
 
 
 def reduction_dtype(name: str) -> str:

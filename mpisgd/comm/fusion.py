@@ -11,7 +11,7 @@ instance); :func:`fusion_buckets` applies it to arrays. Copies between arrays an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Optional, TypeVar
 
@@ -50,10 +50,18 @@ class FusionBucket:
     arrays: list
     ops: Any
     dtype: str  # dtype of the flat buffer (float32 for half precision input)
+    sizes: list = field(init=False)  # elements of each array, in order
+    numel: int = field(init=False)
+    # CPU tensors of the flat buffer's own dtype, reduced in host memory: one torch call copies them
+    # all in and one out (100 tensors of 40 KiB: 0.11 and 0.20 ms against 0.39 and 0.65 ms one by one)
+    tensors_at_once: bool = field(init=False)
 
-    @property
-    def numel(self) -> int:
-        return sum(arrays.numel(a) for a in self.arrays)
+    def __post_init__(self) -> None:
+        self.sizes = [arrays.numel(a) for a in self.arrays]
+        self.numel = sum(self.sizes)
+        first: Any = self.arrays[0] if self.arrays else None
+        self.tensors_at_once = (self.on_host and first is not None and arrays.array_kind(first) == "torch"
+                                and first.is_cpu and arrays.dtype_name(first) == self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -66,9 +74,11 @@ class FusionBucket:
 
     def pack(self, flat) -> None:
         """flat <- the arrays, one after the other (cast to the flat buffer's dtype)."""
+        if self.tensors_at_once:
+            arrays.cat_tensors_into(flat, self.arrays)
+            return
         offset = 0
-        for arr in self.arrays:
-            k = arrays.numel(arr)
+        for arr, k in zip(self.arrays, self.sizes):
             arrays.copy_into_flat(flat[offset:offset + k], arr)
             offset += k
         if not self.on_host:
@@ -76,15 +86,24 @@ class FusionBucket:
 
     def unpack(self, flat, divisor: int = 1) -> None:
         """The arrays <- flat / divisor, each cast back to its own dtype."""
+        if self.tensors_at_once:
+            arrays.split_tensors_from(flat, self.arrays, self.sizes, divisor)
+            return
         offset = 0
-        for arr in self.arrays:
-            k = arrays.numel(arr)
+        for arr, k in zip(self.arrays, self.sizes):
             arrays.copy_from_flat(arr, flat[offset:offset + k], divisor)
             offset += k
 
 
 def _nbytes(arr: Any, *, itemsize: int) -> int:
     return arrays.numel(arr) * itemsize
+
+
+def _group_of(arr: Any) -> tuple:
+    """What arrays fused together share: kind, device and dtype (a tensor's own objects: 0.2 us, not 1)."""
+    if isinstance(arr, arrays.TORCH_TENSOR):
+        return arrays.TORCH_TENSOR, arr.device, arr.dtype
+    return (*arrays.placement(arr), arrays.dtype_name(arr))
 
 
 def _fusion_target(x: Any) -> tuple:
@@ -102,7 +121,7 @@ def fusion_buckets(members: Sequence[Any], bucket_bytes: int, *,
     shared window's area, so that a bucket packs straight into it)."""
     groups: dict = {}
     for arr in members:
-        groups.setdefault((*arrays.placement(arr), arrays.dtype_name(arr)), []).append(arr)
+        groups.setdefault(_group_of(arr), []).append(arr)
     buckets = []
     for group in groups.values():
         ops, flat_dtype = _fusion_target(group[0])

@@ -142,15 +142,38 @@ def test_in_place_on_non_contiguous_views(algorithm):
 
 @pytest.mark.parametrize("bucket_bytes", [64, 1 << 20])
 def test_fused_many_matches_per_tensor_reference(bucket_bytes):
-    shapes = [(3, 4), (7,), (0,), (2, 2, 2), (1,)]
+    shapes = [(3, 4), (7,), (0,), (2, 2, 2), (1,), ()]
     tensors = [torch.from_numpy(rank_data(int(np.prod(s)), "float32", salt=i)).reshape(s)
                for i, s in enumerate(shapes)]
+    tensors.append(torch.from_numpy(rank_data(12, "float32", salt=7)).reshape(4, 3).t())  # transposed view
     tensors += [torch.from_numpy(rank_data(5, "float64", salt=9)), torch.ones(3, dtype=torch.bfloat16) * RANK]
     expected = [reference(t.to(torch.float64).numpy(), "mean") for t in tensors]
     mpisgd.allreduce_many_(tensors, "mean", bucket_bytes=bucket_bytes)
     for t, e in zip(tensors, expected):
         np.testing.assert_allclose(t.to(torch.float64).numpy(), e, rtol=1e-2 if t.dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-2 if t.dtype == torch.bfloat16 else 1e-6)
+
+
+def test_fused_torch_tensors_count_the_write_and_refuse_overlapping_memory():
+    """CPU tensors are copied in and out of a bucket all at once: the copy out is still torch's own,
+    so autograd sees each in-place write (a saved tensor's version) and a tensor whose elements share
+    memory is refused as by ``copy_``."""
+    parameter = torch.nn.Parameter(torch.from_numpy(rank_data(6, "float32", salt=1)).reshape(2, 3))
+    counts = torch.from_numpy(rank_data(5, "int32", salt=2))
+    expected = [reference(parameter.detach().numpy(), "sum"), reference(counts.numpy(), "sum")]
+    version = counts._version
+    mpisgd.allreduce_many_([parameter, counts], "sum")
+    np.testing.assert_allclose(parameter.detach().numpy(), expected[0], rtol=1e-5 * P, atol=1e-5 * P)
+    np.testing.assert_array_equal(counts.numpy(), expected[1])
+    assert counts._version > version
+    saved = torch.ones(4, requires_grad=True)
+    product = saved * 2
+    out = (product * product).sum()  # saves product for backward
+    mpisgd.allreduce_many_([product.detach(), torch.ones(3)], "sum")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    with pytest.raises(RuntimeError, match="single memory location"):
+        mpisgd.allreduce_many_([torch.ones(3), torch.zeros(1).expand(4)], "sum")
 
 
 @pytest.mark.skipif(not ONE_NODE, reason="shm serves one node (across nodes: the hier test)")

@@ -21,6 +21,7 @@ import logging
 import pickle
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Optional
@@ -99,7 +100,9 @@ class Coordinator:
             if self.stopped or self._stop_requested:
                 raise HorovodInternalError(SHUT_DOWN)
             keys = [op.key for op in operations]
-            busy = [k for k in keys if k in self._in_flight] or sorted({k for k in keys if keys.count(k) > 1})
+            busy = [k for k in keys if k in self._in_flight]
+            if not busy and len(set(keys)) < len(keys):  # a name twice in one call (counted once: 100 in a group)
+                busy = sorted(k for k, n in Counter(keys).items() if n > 1)
             if busy:
                 raise ValueError(f"Requested to collective on a tensor with the same name as another tensor that "
                                  f"is currently being processed: {busy[0][1]!r}. If you want to request another "
@@ -297,7 +300,8 @@ class Coordinator:
                 or self.negotiator.joined or self._cooldown):
             return False
         carried = submitted if may_carry and self.speculation.fits(submitted) else None
-        if not self.speculation.exchange(self.comm, carried, lambda start: self._complete(start, urgent, "speculative")):
+        if not self.speculation.exchange(self.comm, carried, lambda start: self._complete(start, urgent, "speculative"),
+                                         self.executor.run_carried):
             self._cooldown = COOLDOWN_CYCLES
             return False
         self._idle_cycles = 0

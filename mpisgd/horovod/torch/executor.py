@@ -100,7 +100,15 @@ class Executor:
 
     def run(self, batch: list, operations: dict) -> None:
         """Run one fused batch (a list of responses); complete or fail the local operations."""
-        mine = [operations.get(r.key) for r in batch]
+        self._run(batch, [operations.get(r.key) for r in batch])
+
+    def run_carried(self, carried: list) -> None:
+        """The allreduces of the global set that every rank carried in one speculative cycle whose payload
+        travels apart: run as the negotiated batch of them would be (the operations stand for their
+        responses: the same name, signature, and no error)."""
+        self._run(carried, carried)
+
+    def _run(self, batch: list, mine: list) -> None:
         first = batch[0]
         if first.error is None and self.rank not in first.signature.members:
             return

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mpisgd.arrays import dtype_name
 from mpisgd.horovod.torch import basics
 from mpisgd.horovod.torch.basics import Adasum, Average, HorovodInternalError, ReduceOp, Sum
 from mpisgd.horovod.torch.executor import DTYPES, Operation
@@ -45,7 +46,7 @@ def handle_average_backwards_compatibility(op: Any, average: Any) -> ReduceOp:
 def _check_tensor(tensor: Any) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if str(tensor.dtype).replace("torch.", "") not in DTYPES:
+    if dtype_name(tensor) not in DTYPES:
         raise ValueError(f"Tensor type {tensor.type()} is not supported.")
     if tensor.is_sparse:
         raise ValueError("sparse tensors go through sparse_allreduce_async (or DistributedOptimizer)")
@@ -93,7 +94,7 @@ def _registered(process_set: Any) -> Any:
 def signature(kind: Kind, tensor: torch.Tensor, registered: Any, *, shape: Optional[tuple] = None, op: int = -1,
               root: int = -1, prescale: float = 1.0, postscale: float = 1.0) -> Signature:
     """What every rank must agree on for an operation of ``kind`` on ``tensor``."""
-    return Signature(kind, str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape) if shape is None else shape,
+    return Signature(kind, dtype_name(tensor), tuple(tensor.shape) if shape is None else shape,
                      int(op), int(root), float(prescale), float(postscale), registered.process_set_id,
                      registered.ranks)
 

@@ -46,6 +46,7 @@ class Layout(NamedTuple):
     elements: int
     dtype: Any  # numpy transport dtype
     op: int  # ReduceOp (Sum and Average share MPI's sum, but not their results: kept apart)
+    apart: bool  # SPECULATE_BELOW_BYTES or more: the control block travels alone, the payload after it
 
 
 def layout_of(signatures: list) -> Optional[Layout]:
@@ -58,9 +59,9 @@ def layout_of(signatures: list) -> Optional[Layout]:
     if dtype is None:
         return None
     elements = sum(math.prod(s.shape) for s in signatures)
-    if not 0 < elements * np.dtype(dtype).itemsize < SPECULATE_BELOW_BYTES:
+    if not elements:
         return None
-    return Layout(elements, dtype, first.op)
+    return Layout(elements, dtype, first.op, elements * np.dtype(dtype).itemsize >= SPECULATE_BELOW_BYTES)
 
 
 class Message:
@@ -69,7 +70,7 @@ class Message:
 
     def __init__(self, comm: MPI.Comm, layout: Layout, persistent: bool) -> None:
         self.layout = layout
-        self.buffer = np.zeros(CONTROL + layout.elements, dtype=layout.dtype)
+        self.buffer = np.zeros(CONTROL + (0 if layout.apart else layout.elements), dtype=layout.dtype)
         self.head = self.buffer[:CONTROL]
         self.op = OPS[ReduceOp(layout.op)]
         self.request = comm.Allreduce_init(MPI.IN_PLACE, self.buffer, op=self.op) if persistent else None
@@ -154,9 +155,13 @@ class Speculation:
             self._message.request.Free()
         self._message = None
 
-    def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Callable[[], Any]], None]) -> bool:
+    def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Callable[[], Any]], None],
+                 run_apart: Callable[[list], None]) -> bool:
         """The speculative all-reduce (``carried``: this rank's operations, or None to send zeros);
-        True when every rank carried the same operations, which are then complete."""
+        True when every rank carried the same operations, which are then complete. A layout whose payload
+        travels apart sends the control block alone, then (where every rank carried the same) hands the
+        operations to ``run_apart``: the fused reduction a negotiated cycle would run, through mpisgd's
+        algorithms, the negotiation's gather replaced by one small all-reduce."""
         message = self._current(comm)
         buffer = message.buffer
         if carried is None:
@@ -164,6 +169,7 @@ class Speculation:
         else:
             control = self._signature(tuple((op.name, op.signature) for op in carried))
             message.head[...] = control
+        if carried is not None and not message.layout.apart:
             offset = CONTROL
             for op in carried:
                 n = op.tensor.numel()
@@ -176,6 +182,9 @@ class Speculation:
         message.reduce(comm, wait)
         if carried is None or not np.array_equal(message.head, self._expected(control, message.layout.op)):
             return False
+        if message.layout.apart:
+            run_apart(carried)
+            return True
         offset = CONTROL
         for op in carried:
             self._finish(op, buffer[offset:offset + op.tensor.numel()])
@@ -185,6 +194,8 @@ class Speculation:
     def carry_of(self, name: str, signature: Signature) -> Carry:
         """The :class:`Carry` of a single allreduce: the control block the general path would send for it."""
         layout = self._interned(layout_of([signature]))
+        if layout is not None and layout.apart:  # a large one goes through a cycle (its control block alone)
+            layout = None
         dtype = layout.dtype if layout is not None else np.int64
         control = self._signature(((name, signature),)).astype(dtype)
         expected = self._expected(control, signature.op).tobytes() if layout is not None else b""
