@@ -14,6 +14,7 @@ from mpi4py import MPI
 
 import mpisgd.horovod.torch as hvd
 from mpisgd.horovod.torch.basics import HorovodInternalError, runtime
+from mpisgd.horovod.torch.speculation import IDLE_KEEP
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
@@ -130,6 +131,28 @@ def test_a_large_repeated_allreduce_speculates_and_leaves_its_input(monkeypatch)
         torch.testing.assert_close(hvd.allreduce(x, name="spec.large.single", op=hvd.Sum), reference(x, hvd.Sum))
         assert torch.equal(x, data((20000,), torch.float32, salt))
     assert negotiated_cycles() == start and carried == [1, 1]
+
+
+@pytest.mark.parametrize("elements", [64, 20000], ids=["small", "apart"])
+def test_a_cycle_in_which_no_rank_has_work_ends_without_a_negotiation(elements, monkeypatch):
+    """Every rank idle: each sends an idle mark in the speculative message, which then ends the cycle (a
+    negotiation would decide nothing): no negotiation, no cooldown. A small layout is forgotten after
+    IDLE_KEEP such cycles (its idle messages carry the payload's zeros); one travelling apart is kept, so
+    the loop's next call still speculates."""
+    coordinator = runtime().coordinator
+    name = f"spec.idle.{elements}"
+    for _ in range(2):
+        hvd.allreduce(data((elements,), torch.float32, 1), name=name, op=hvd.Sum)
+    start = negotiated_cycles()
+    for _ in range(IDLE_KEEP):
+        with coordinator._cycle_lock:
+            coordinator._cycle()
+    assert negotiated_cycles() == start and coordinator._cooldown == 0
+    assert (coordinator.speculation.layout is not None) == (elements > 64)
+    general = count_general_cycles(monkeypatch)
+    x = data((elements,), torch.float32, 2)
+    torch.testing.assert_close(hvd.allreduce(x, name=name, op=hvd.Sum), reference(x, hvd.Sum))
+    assert negotiated_cycles() - start == (0 if elements > 64 else 1) and len(general) == 1
 
 
 @multi_rank

@@ -37,7 +37,7 @@ from mpisgd.horovod.torch.basics import HorovodInternalError, Settings
 from mpisgd.horovod.torch.executor import Executor, Operation
 from mpisgd.horovod.torch.negotiation import Message, Negotiator, fusion_plan
 from mpisgd.horovod.torch.process_sets import ProcessSetTable
-from mpisgd.horovod.torch.speculation import Carry, Speculation
+from mpisgd.horovod.torch.speculation import ALL_IDLE, FAILED, Carry, Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,16 @@ class Coordinator:
         everyone = process_sets.get(0).communicator
         assert everyone is not None  # every process is a member of the global set
         self.watchdog = everyone.watchdog
-        self.speculation = Speculation(self.size)
         # on unless switched off ("auto" is on: 4 ranks on 2 cores, a loop of small allreduces took 0.08 ms
-        # a call speculated, 0.8 ms negotiated). The choice must be the same on every rank.
+        # a call speculated, 0.8 ms negotiated). A payload travelling apart speculates under "auto" only where
+        # no node's ranks outnumber its cores: there a training step's gradients rarely fill the layout
+        # (the background cycle takes part of them), and each failed message cost more than it saved (4
+        # ranks on 2 cores: 20.5 ms a step so, 18.0 negotiated). The choices must be the same on every rank.
         wanted = settings.speculation != "off"
-        self._speculating = bool(allreduce_numbers(everyone, int(wanted), "min", name="horovod speculation")[0])
+        apart = settings.speculation == "on" or not communicator.oversubscribed
+        agreed = allreduce_numbers(everyone, [int(wanted), int(wanted and apart)], "min", name="horovod speculation")
+        self._speculating = bool(agreed[0])
+        self.speculation = Speculation(self.size, apart=bool(agreed[1]))
         self._cooldown = 0
         self._lock = threading.Lock()  # queue, in_flight, flags
         self._wake = threading.Condition(self._lock)
@@ -300,10 +305,18 @@ class Coordinator:
                 or self.negotiator.joined or self._cooldown):
             return False
         carried = submitted if may_carry and self.speculation.fits(submitted) else None
-        if not self.speculation.exchange(self.comm, carried, lambda start: self._complete(start, urgent, "speculative"),
-                                         self.executor.run_carried):
+        # a control block alone stands for the negotiation (it waits for the peers' computation): it
+        # waits as the negotiation does where ranks outnumber cores
+        what = "speculative control" if self.speculation.layout.apart else "speculative"
+        ended = self.speculation.exchange(self.comm, carried, may_carry and not submitted,
+                                          lambda start: self._complete(start, urgent, what), self.executor.run_carried)
+        if ended == FAILED:
             self._cooldown = COOLDOWN_CYCLES
             return False
+        if ended == ALL_IDLE:  # what the negotiation of an empty cycle would have done
+            self.speculation.learn([], traffic=False)
+            self._idle_cycles = self._idle_cycles + 1 if self._polite else 0
+            return True
         self._idle_cycles = 0
         with self._lock:
             for op in submitted:

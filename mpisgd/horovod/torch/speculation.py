@@ -1,19 +1,22 @@
-"""The coordinator's one-message cycle: a repeated small allreduce travels with its own negotiation.
+"""The coordinator's one-message cycle: a repeated allreduce travels with its own negotiation.
 
 A negotiated allreduce costs two collectives per cycle (the negotiation's allgather, then the payload),
 twice MPI's own latency for a small tensor. But a loop reduces the same tensors again and again, so a
 cycle first *speculates*: every rank sends one all-reduce of the *agreed layout* (the elements, dtype
-and op of the last cycle whose only work was one small fused allreduce of the global set): a control
-block, then the payload. A rank whose new submissions fill the layout exactly (and which has nothing
-else in flight, no join, no shutdown) packs its tensors and the signature of their names and
-signatures (:func:`mpisgd.comm.agreement.signature_of`, with a 1/-1 marker pair); any other rank sends
-zeros. The reduced control block tells every rank the same thing: either every rank carried the same
-operations (they are done: one collective) or not (the payload is discarded and the cycle negotiates as
-usual; nothing was applied). The layout is learned from negotiated outcomes, which every rank decides
-alike, so every rank's first message always has the same count, dtype and op: never an MPI mismatch.
-The speculative message is sent only while nothing is pending in the negotiation (common knowledge), and
-the layout is forgotten after a few idle cycles: a failed speculation (the first idle cycle after a loop,
-or a loop alternating two layouts) costs one small message more than negotiating alone.
+and op of the last cycle whose only work was one fused allreduce of the global set): a control block,
+then (below SPECULATE_BELOW_BYTES) the payload. A rank whose new submissions fill the layout exactly (and
+which has nothing else in flight, no join, no shutdown) packs its tensors and the signature of their
+names and signatures (:func:`mpisgd.comm.agreement.signature_of`, with a 1/-1 marker pair); a rank with
+nothing to do sends an idle mark; any other rank sends zeros. The reduced control block tells every rank
+the same thing: every rank carried the same operations (they are done: one collective; a larger payload
+follows in the fused reduction a negotiated cycle would run), or no rank had anything to do (the cycle is
+over), or neither (the payload is discarded and the cycle negotiates as usual; nothing was applied). The
+layout is learned from negotiated outcomes, which every rank decides alike, so every rank's first message
+always has the same count, dtype and op: never an MPI mismatch. The speculative message is sent only while
+nothing is pending in the negotiation (common knowledge). A failed speculation (a loop alternating two
+layouts, a call of another kind) costs one small message more than negotiating alone. A layout with its
+payload in the message is forgotten after a few idle cycles, whose messages would carry the payload's
+zeros; one whose payload travels apart is kept (an idle cycle sends the control block alone).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from mpisgd.horovod.torch.negotiation import Kind, Signature
 SPECULATE_BELOW_BYTES = 64 << 10
 #: idle cycles (no traffic on any rank) after which the layout is forgotten
 IDLE_KEEP = 4
-CONTROL = 2 + SIGNATURE
+CONTROL = 3 + SIGNATURE  # the 1/-1 markers, the idle mark, the signature
+#: the idle mark of a rank with nothing to do, by op: it reduces to its "every rank idle" value only then
+IDLE_MARK = {ReduceOp.SUM: 1, ReduceOp.AVERAGE: 1, ReduceOp.MIN: 1, ReduceOp.MAX: -1}
+CARRIED, ALL_IDLE, FAILED = "carried", "all idle", "failed"  # how a speculative cycle ended
 TRANSPORT = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64,
              "float16": np.float32, "bfloat16": np.float32, "uint8": np.int64, "int8": np.int64, "int16": np.int64}
 OPS = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVERAGE: MPI.SUM, ReduceOp.MIN: MPI.MIN, ReduceOp.MAX: MPI.MAX}
@@ -103,8 +109,9 @@ class Carry(NamedTuple):
 class Speculation:
     """This rank's copy of the shared layout, and the speculative exchange of one cycle."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, apart: bool = True) -> None:
         self.size = size
+        self.apart = apart  # whether layouts whose payload travels apart are learned
         self.layout: Optional[Layout] = None
         self._idle = 0
         self._signatures: dict = {}
@@ -122,7 +129,7 @@ class Speculation:
         if found is None:
             if len(self._signatures) > _CACHE_LIMIT:
                 self._signatures.clear()
-            found = self._signatures[key] = np.concatenate([[1, -1], signature_of({"ops": key})])
+            found = self._signatures[key] = np.concatenate([[1, -1, 0], signature_of({"ops": key})])
         return found
 
     def _expected(self, control: np.ndarray, op: int) -> np.ndarray:
@@ -155,41 +162,54 @@ class Speculation:
             self._message.request.Free()
         self._message = None
 
-    def exchange(self, comm: MPI.Comm, carried: Optional[list], wait: Callable[[Callable[[], Any]], None],
-                 run_apart: Callable[[list], None]) -> bool:
-        """The speculative all-reduce (``carried``: this rank's operations, or None to send zeros);
-        True when every rank carried the same operations, which are then complete. A layout whose payload
-        travels apart sends the control block alone, then (where every rank carried the same) hands the
-        operations to ``run_apart``: the fused reduction a negotiated cycle would run, through mpisgd's
-        algorithms, the negotiation's gather replaced by one small all-reduce."""
+    def exchange(self, comm: MPI.Comm, carried: Optional[list], idle: bool, wait: Callable[[Callable[[], Any]], None],
+                 run_apart: Callable[[list], None]) -> str:
+        """The speculative all-reduce (``carried``: this rank's operations, or None; ``idle``: this rank has
+        nothing to do): CARRIED when every rank carried the same operations, which are then complete;
+        ALL_IDLE when no rank had anything to do (the cycle is over: a negotiation would decide nothing);
+        else FAILED (nothing applied: negotiate). A layout whose payload travels apart sends the control
+        block alone, then (where every rank carried the same) hands the operations to ``run_apart``: the
+        fused reduction a negotiated cycle would run, through mpisgd's algorithms, the negotiation's gather
+        replaced by one small all-reduce."""
         message = self._current(comm)
-        buffer = message.buffer
-        if carried is None:
+        buffer, op = message.buffer, message.layout.op
+        control = self._signature(tuple((o.name, o.signature) for o in carried)) if carried is not None \
+            else self._idle_control(op) if idle else None
+        if control is None:
             buffer[:] = 0
         else:
-            control = self._signature(tuple((op.name, op.signature) for op in carried))
             message.head[...] = control
-        if carried is not None and not message.layout.apart:
-            offset = CONTROL
-            for op in carried:
-                n = op.tensor.numel()
-                view = buffer[offset:offset + n]
-                if op.tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-                    torch.from_numpy(view).copy_(op.tensor.reshape(-1))
-                else:
-                    view[...] = op.tensor.reshape(-1).numpy()
-                offset += n
+            if carried is not None and not message.layout.apart:
+                offset = CONTROL
+                for o in carried:
+                    n = o.tensor.numel()
+                    view = buffer[offset:offset + n]
+                    if o.tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+                        torch.from_numpy(view).copy_(o.tensor.reshape(-1))
+                    else:
+                        view[...] = o.tensor.reshape(-1).numpy()
+                    offset += n
+            elif carried is None:
+                buffer[CONTROL:] = 0
         message.reduce(comm, wait)
-        if carried is None or not np.array_equal(message.head, self._expected(control, message.layout.op)):
-            return False
+        if control is None or not np.array_equal(message.head, self._expected(control, op)):
+            return FAILED
+        if carried is None:
+            return ALL_IDLE
         if message.layout.apart:
             run_apart(carried)
-            return True
+            return CARRIED
         offset = CONTROL
-        for op in carried:
-            self._finish(op, buffer[offset:offset + op.tensor.numel()])
-            offset += op.tensor.numel()
-        return True
+        for o in carried:
+            self._finish(o, buffer[offset:offset + o.tensor.numel()])
+            offset += o.tensor.numel()
+        return CARRIED
+
+    @staticmethod
+    def _idle_control(op: int) -> np.ndarray:
+        control = np.zeros(CONTROL)
+        control[2] = IDLE_MARK[ReduceOp(op)]
+        return control
 
     def carry_of(self, name: str, signature: Signature) -> Carry:
         """The :class:`Carry` of a single allreduce: the control block the general path would send for it."""
@@ -271,13 +291,15 @@ class Speculation:
         """After a negotiated cycle (decided alike on every rank): its allreduce becomes the layout."""
         if not responses:
             self._idle = 0 if traffic else self._idle + 1
-            if self._idle >= IDLE_KEEP:
-                self.layout = None
+            if self._idle >= IDLE_KEEP and self.layout is not None and not self.layout.apart:
+                self.layout = None  # idle cycles would send its payload's zeros (an apart one: the control alone)
             return
         self._idle = 0
         ok = all(r.error is None and not r.joined for r in responses)
         signatures: list[Signature] = [r.signature for r in responses]
         layout = layout_of(signatures) if ok else None
+        if layout is not None and layout.apart and not self.apart:
+            layout = None
         if layout is not None and layout.dtype == np.float32 and self.size >= FLOAT32_EXACT_BELOW_RANKS:
             layout = None  # the reduced signature would no longer be exact in float32: always negotiate
         self.layout = self._interned(layout)
