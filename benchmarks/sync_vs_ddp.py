@@ -19,9 +19,8 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from gloo_setup import init_gloo
+from gloo_setup import close_gloo, init_gloo
 
 from mpisgd import DistributedOptimizer, broadcast_parameters, get_communicator
 
@@ -66,22 +65,15 @@ def main() -> int:
     ddp = torch.nn.parallel.DistributedDataParallel(build(hidden, args.features, args.classes))
     ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
-    def step_ours():
-        ours_opt.zero_grad()
-        F.cross_entropy(ours(x), y).backward()
-        ours_opt.step()
+    def step(model, optimizer):
+        def run():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return run
 
-    def step_overlapped():
-        overlapped_opt.zero_grad()
-        F.cross_entropy(overlapped(x), y).backward()
-        overlapped_opt.step()
-
-    def step_ddp():
-        ddp_opt.zero_grad()
-        F.cross_entropy(ddp(x), y).backward()
-        ddp_opt.step()
-
-    steps = {"mpisgd sync": step_ours, "mpisgd overlap": step_overlapped, "DDP gloo": step_ddp}
+    steps = {"mpisgd sync": step(ours, ours_opt), "mpisgd overlap": step(overlapped, overlapped_opt),
+             "DDP gloo": step(ddp, ddp_opt)}
     rates = {name: [] for name in steps}
     for fn in steps.values():
         for _ in range(3):
@@ -108,7 +100,8 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as out:
                 json.dump({"command": " ".join(sys.argv), "ranks": comm.size, "params": params, **result}, out)
-    dist.destroy_process_group()
+    del steps, fn, ddp, ddp_opt  # before the group goes (gloo_setup.close_gloo says why)
+    close_gloo()
     return 0
 
 
