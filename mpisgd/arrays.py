@@ -393,13 +393,20 @@ def cat_tensors_into(flat: np.ndarray, tensors: Sequence[Any]) -> None:
 
 def split_tensors_from(flat: np.ndarray, tensors: Sequence[Any], sizes: Sequence[int], divisor: int = 1) -> None:
     """CPU tensors of flat's dtype <- their consecutive slices of flat (of ``sizes`` elements) / divisor, in
-    one torch call: an in-place torch copy, which counts the write (autograd's check) and refuses overlaps."""
+    one torch call: an in-place torch copy, which counts the write (autograd's check) and refuses a
+    tensor that overlaps itself. Tensors that share memory (one given twice, views of one buffer) are
+    written as separate copies would be, the last one winning: never divided twice."""
     pieces = torch.from_numpy(flat).split(list(sizes))
     sources = [p if t.dim() == 1 else p.view(t.shape) for p, t in zip(pieces, tensors)]
+    tensors = list(tensors)
     with torch.no_grad():
-        torch._foreach_copy_(list(tensors), sources)
-        if divisor != 1:
-            torch._foreach_div_(list(tensors), divisor)
+        if divisor == 1:
+            torch._foreach_copy_(tensors, sources)
+        elif len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors):
+            torch._foreach_copy_(tensors, sources)  # each its own memory: divided in place, once
+            torch._foreach_div_(tensors, divisor)
+        else:  # flat may be a shared window's result: divided on the way, not in place
+            torch._foreach_copy_(tensors, torch._foreach_div(sources, divisor))
 
 
 def reduction_dtype(name: str) -> str:

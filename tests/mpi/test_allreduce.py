@@ -154,10 +154,11 @@ def test_fused_many_matches_per_tensor_reference(bucket_bytes):
                                    atol=1e-2 if t.dtype == torch.bfloat16 else 1e-6)
 
 
-def test_fused_torch_tensors_count_the_write_and_refuse_overlapping_memory():
+def test_fused_torch_tensors_count_the_write_and_refuse_a_tensor_that_overlaps_itself():
     """CPU tensors are copied in and out of a bucket all at once: the copy out is still torch's own,
     so autograd sees each in-place write (a saved tensor's version) and a tensor whose elements share
-    memory is refused as by ``copy_``."""
+    memory is refused as by ``copy_``; tensors that share memory with each other (one given twice,
+    views of one buffer) get their mean once, as separate copies would give it."""
     parameter = torch.nn.Parameter(torch.from_numpy(rank_data(6, "float32", salt=1)).reshape(2, 3))
     counts = torch.from_numpy(rank_data(5, "int32", salt=2))
     expected = [reference(parameter.detach().numpy(), "sum"), reference(counts.numpy(), "sum")]
@@ -174,6 +175,12 @@ def test_fused_torch_tensors_count_the_write_and_refuse_overlapping_memory():
         out.backward()
     with pytest.raises(RuntimeError, match="single memory location"):
         mpisgd.allreduce_many_([torch.ones(3), torch.zeros(1).expand(4)], "sum")
+    twice = torch.from_numpy(rank_data(7, "float32", salt=3))
+    buffer = torch.from_numpy(rank_data(8, "float32", salt=4))
+    expected = [reference(twice.numpy(), "mean"), reference(buffer.numpy(), "mean")]
+    mpisgd.allreduce_many_([twice, twice, buffer[:3], buffer[3:]], "mean")
+    for got, want in zip([twice, buffer], expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5 * P, atol=1e-5 * P)
 
 
 @pytest.mark.skipif(not ONE_NODE, reason="shm serves one node (across nodes: the hier test)")

@@ -14,7 +14,8 @@ from mpi4py import MPI
 
 import mpisgd.horovod.torch as hvd
 from mpisgd.horovod.torch.basics import HorovodInternalError, runtime
-from mpisgd.horovod.torch.speculation import IDLE_KEEP
+from mpisgd.horovod.torch.coordinator import COOLDOWN_CYCLES
+from mpisgd.horovod.torch.speculation import IDLE_KEEP, PARTIAL_LIMIT
 
 WORLD = MPI.COMM_WORLD
 P, RANK = WORLD.Get_size(), WORLD.Get_rank()
@@ -120,6 +121,21 @@ def test_a_large_repeated_group_speculates_with_its_control_block_alone(dtype, o
     assert negotiated_cycles() == start and carried == [len(shapes)] * 3
 
 
+def test_large_allreduces_of_one_cycle_keep_their_own_postscales(monkeypatch):
+    """One layout may hold operations of different postscales (the layout is elements, dtype and op):
+    carried apart, each is scaled by its own, as in the negotiated cycle's fusion plan."""
+    x, y = data((9000,), torch.float32, 1), data((11000,), torch.float32, 2)
+    carried = None
+    for round_ in range(4):  # negotiated twice (the layout, then the cooldown), then speculated
+        if round_ == 2:
+            start, carried = negotiated_cycles(), count_carried_payloads(monkeypatch)
+        handles = [hvd.allreduce_async(x, name="spec.scales.half", op=hvd.Sum, postscale_factor=0.5),
+                   hvd.allreduce_async(y, name="spec.scales.one", op=hvd.Sum)]
+        torch.testing.assert_close(hvd.synchronize(handles[0]), reference(x, hvd.Sum, 0.5))
+        torch.testing.assert_close(hvd.synchronize(handles[1]), reference(y, hvd.Sum))
+    assert negotiated_cycles() == start and carried == [2, 2]
+
+
 def test_a_large_repeated_allreduce_speculates_and_leaves_its_input(monkeypatch):
     x = data((20000,), torch.float32, 3)
     for _ in range(2):
@@ -153,6 +169,42 @@ def test_a_cycle_in_which_no_rank_has_work_ends_without_a_negotiation(elements, 
     x = data((elements,), torch.float32, 2)
     torch.testing.assert_close(hvd.allreduce(x, name=name, op=hvd.Sum), reference(x, hvd.Sum))
     assert negotiated_cycles() - start == (0 if elements > 64 else 1) and len(general) == 1
+
+
+def manual_cycles(count: int) -> None:
+    coordinator = runtime().coordinator
+    for _ in range(count):
+        with coordinator._cycle_lock:
+            coordinator._cycle()
+
+
+@multi_rank
+@pytest.mark.parametrize("elements", [64, 20000], ids=["small", "apart"])
+@pytest.mark.parametrize("late_cycles", [1, PARTIAL_LIMIT + 1], ids=["once", "past-the-limit"])
+def test_a_rank_that_carried_waits_for_idle_peers_then_they_speculate_together(elements, late_cycles):
+    """Rank 0's operation is ready while the others are idle (still computing, as backward passes that
+    end at different times): each such cycle ends PARTIAL on every rank, with nothing applied and no
+    negotiation or cooldown, and rank 0's operation waits; when the others submit it too, the next
+    cycle carries it. Past PARTIAL_LIMIT such cycles in a row, every rank negotiates in the same cycle
+    (the stall inspector's path) and the result is the same."""
+    coordinator = runtime().coordinator
+    name = f"spec.partial.{elements}.{late_cycles}"
+    for _ in range(2):
+        hvd.allreduce(data((elements,), torch.float32, 1), name=name, op=hvd.Average)
+    start = negotiated_cycles()
+    x = data((elements,), torch.float32, 2)
+    handle = hvd.allreduce_async(x, name=name, op=hvd.Average) if RANK == 0 else None
+    manual_cycles(late_cycles)
+    negotiated = 0 if late_cycles <= PARTIAL_LIMIT else 1
+    assert negotiated_cycles() - start == negotiated
+    assert coordinator._cooldown == (0 if not negotiated else COOLDOWN_CYCLES - 1)
+    if RANK == 0:
+        assert not hvd.poll(handle)
+    else:
+        handle = hvd.allreduce_async(x, name=name, op=hvd.Average)
+    torch.testing.assert_close(hvd.synchronize(handle), reference(x, hvd.Average))
+    if not negotiated:
+        assert negotiated_cycles() == start  # the cycle after the others submitted carried it
 
 
 @multi_rank
@@ -266,3 +318,16 @@ def test_a_rank_off_the_synchronous_path_still_matches(other, dtype, op, monkeyp
         assert len(set(WORLD.allgather(result.numpy().tobytes()))) == 1
     assert negotiated_cycles() == start
     assert bool(general) == off_path  # the others' calls never ran a general cycle
+
+
+def test_idle_cycles_between_speculated_calls_do_not_add_up():
+    """A small layout is forgotten after IDLE_KEEP idle cycles in a row, not in all: a loop with a
+    few idle cycles between its calls keeps speculating."""
+    name, x = "spec.idle.between", data((64,), torch.float32, 1)
+    for _ in range(2):
+        hvd.allreduce(x, name=name, op=hvd.Sum)
+    start = negotiated_cycles()
+    for _ in range(IDLE_KEEP + 2):
+        manual_cycles(IDLE_KEEP - 1)
+        torch.testing.assert_close(hvd.allreduce(x, name=name, op=hvd.Sum), reference(x, hvd.Sum))
+    assert negotiated_cycles() == start

@@ -4,11 +4,22 @@ The reduced signature is compared bitwise: a float32 transport holds it exactly 
 mpisgd.comm.agreement.FLOAT32_EXACT_BELOW_RANKS ranks (p * 15**2 < 2**24), computed here independently.
 """
 
+import numpy as np
 import pytest
 
 from mpisgd.horovod.torch.basics import ReduceOp
 from mpisgd.horovod.torch.negotiation import Kind, Response, Signature
-from mpisgd.horovod.torch.speculation import SPECULATE_BELOW_BYTES, Speculation, layout_of
+from mpisgd.horovod.torch.speculation import (
+    ALL_IDLE,
+    CARRIED,
+    CONTROL,
+    FAILED,
+    PARTIAL,
+    PARTIAL_LIMIT,
+    SPECULATE_BELOW_BYTES,
+    Speculation,
+    layout_of,
+)
 
 EXACT_BELOW = (1 << 24) // 15 ** 2  # the first rank count whose float32 sums of 15**2 are no longer exact
 
@@ -45,3 +56,36 @@ def test_a_speculation_without_apart_layouts_negotiates_large_cycles_and_keeps_s
         assert (speculation.layout is not None) == apart
         speculation.learn(cycle("float32"), traffic=True)
         assert speculation.layout is not None and not speculation.layout.apart
+
+
+def reduced(blocks: list, op: ReduceOp) -> np.ndarray:
+    """What MPI's all-reduce of the ranks' control blocks gives (sum for Sum and Average)."""
+    stacked = np.stack(blocks)
+    return stacked.max(0) if op == ReduceOp.MAX else stacked.min(0) if op == ReduceOp.MIN else stacked.sum(0)
+
+
+@pytest.mark.parametrize("op", [ReduceOp.SUM, ReduceOp.AVERAGE, ReduceOp.MIN, ReduceOp.MAX])
+@pytest.mark.parametrize("ranks, ends", [
+    ("cccc", CARRIED), ("iiii", ALL_IDLE), ("ccii", PARTIAL), ("ciii", PARTIAL), ("cciz", FAILED),
+    ("cccz", FAILED), ("zzzz", FAILED), ("cxii", PARTIAL), ("cxxx", FAILED)])
+def test_every_rank_reads_the_same_ending_from_the_reduced_control_block(op, ranks, ends):
+    """4 ranks: c carries the operations, x carries others (another signature), i is idle, z sends zeros.
+    Every rank, whatever it sent, reads the same ending; a partial cycle is read only from a sum, which
+    counts the ranks (min and max cannot: there it fails, and the cycle negotiates)."""
+    speculation = Speculation(4)
+    carried = speculation._signature((("grad", "sig"),))
+    other = speculation._signature((("grad", "other"),))
+    idle = speculation._idle_control(op)
+    sent = {"c": carried, "x": other, "i": idle, "z": None}
+    head = reduced([np.zeros(CONTROL) if sent[r] is None else sent[r] for r in ranks], op)
+    if op in (ReduceOp.MIN, ReduceOp.MAX) and ends == PARTIAL:
+        ends = FAILED
+    for r in ranks:
+        assert speculation._ended(head, sent[r], int(op)) == ends, r
+
+
+def test_partial_cycles_in_a_row_end_in_a_negotiation_at_the_limit():
+    speculation = Speculation(2)
+    head = reduced([speculation._signature((("g", "s"),)), speculation._idle_control(ReduceOp.SUM)], ReduceOp.SUM)
+    endings = [speculation._ended(head, None, int(ReduceOp.SUM)) for _ in range(2 * PARTIAL_LIMIT + 2)]
+    assert endings == ([PARTIAL] * PARTIAL_LIMIT + [FAILED]) * 2

@@ -37,7 +37,7 @@ from mpisgd.horovod.torch.basics import HorovodInternalError, Settings
 from mpisgd.horovod.torch.executor import Executor, Operation
 from mpisgd.horovod.torch.negotiation import Message, Negotiator, fusion_plan
 from mpisgd.horovod.torch.process_sets import ProcessSetTable
-from mpisgd.horovod.torch.speculation import ALL_IDLE, FAILED, Carry, Speculation
+from mpisgd.horovod.torch.speculation import ALL_IDLE, FAILED, PARTIAL, Carry, Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Coordinator:
             except Exception:  # nothing sent yet: the general path says what is wrong
                 return None
             try:
-                out = self.speculation.carry_alone(self.comm, tensor, carry, prepared, self.watchdog)
+                ended, out = self.speculation.carry_alone(self.comm, tensor, carry, prepared, self.watchdog)
             except Exception as exc:
                 self._broken(exc)
                 raise HorovodInternalError(f"coordinator failed: {type(exc).__name__}: {exc}") from exc
@@ -192,7 +192,7 @@ class Coordinator:
                 self._broken(exc)
                 raise
             self._idle_cycles = 0
-            if out is None:
+            if ended == FAILED:
                 self._cooldown = COOLDOWN_CYCLES
             return out
         finally:
@@ -318,6 +318,10 @@ class Coordinator:
             self._idle_cycles = self._idle_cycles + 1 if self._polite else 0
             return True
         self._idle_cycles = 0
+        if ended == PARTIAL:  # peers still computing: this rank's operations wait for the next cycle
+            with self._lock:
+                self._queue[:0] = submitted
+            return True
         with self._lock:
             for op in submitted:
                 self._in_flight.pop(op.key, None)

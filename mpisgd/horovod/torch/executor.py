@@ -18,7 +18,7 @@ import torch
 from mpi4py import MPI
 
 from mpisgd.horovod.torch.basics import HorovodInternalError, ReduceOp
-from mpisgd.horovod.torch.negotiation import Kind, Response, Signature
+from mpisgd.horovod.torch.negotiation import Kind, Response, Signature, fusion_plan
 from mpisgd.horovod.torch.process_sets import ProcessSetTable
 
 #: dtypes mpisgd's all-reduce takes as they are (half precision: accumulated in float32 by mpisgd)
@@ -105,8 +105,11 @@ class Executor:
     def run_carried(self, carried: list) -> None:
         """The allreduces of the global set that every rank carried in one speculative cycle whose payload
         travels apart: run as the negotiated batch of them would be (the operations stand for their
-        responses: the same name, signature, and no error)."""
-        self._run(carried, carried)
+        responses: the same name, signature, and no error), in the batches of its fusion plan (one
+        postscale a batch)."""
+        for batch in fusion_plan(carried, self.fusion_threshold_bytes,
+                                 lambda op: op.tensor.numel() * op.tensor.element_size()):
+            self._run(batch, batch)
 
     def _run(self, batch: list, mine: list) -> None:
         first = batch[0]

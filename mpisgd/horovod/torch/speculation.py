@@ -10,7 +10,10 @@ names and signatures (:func:`mpisgd.comm.agreement.signature_of`, with a 1/-1 ma
 nothing to do sends an idle mark; any other rank sends zeros. The reduced control block tells every rank
 the same thing: every rank carried the same operations (they are done: one collective; a larger payload
 follows in the fused reduction a negotiated cycle would run), or no rank had anything to do (the cycle is
-over), or neither (the payload is discarded and the cycle negotiates as usual; nothing was applied). The
+over), or, for a sum, that every rank carried or was idle (peers still computing, as a backward pass on
+one rank ends before another's: nothing was applied, and the carried operations wait for the next cycle,
+which speculates again, up to PARTIAL_LIMIT cycles in a row), or none of these (the payload is discarded
+and the cycle negotiates as usual; nothing was applied). The
 layout is learned from negotiated outcomes, which every rank decides alike, so every rank's first message
 always has the same count, dtype and op: never an MPI mismatch. The speculative message is sent only while
 nothing is pending in the negotiation (common knowledge). A failed speculation (a loop alternating two
@@ -33,14 +36,18 @@ from mpisgd.horovod.torch.basics import ReduceOp
 from mpisgd.horovod.torch.executor import Operation, after_reduction, scale_
 from mpisgd.horovod.torch.negotiation import Kind, Signature
 
-#: allreduces of up to this many bytes (all of a cycle together) speculate; larger ones are negotiated
+#: cycles of allreduces below this many bytes (all of a cycle together) carry their payload in the
+#: speculative message; larger ones send the control block alone, the payload after it
 SPECULATE_BELOW_BYTES = 64 << 10
 #: idle cycles (no traffic on any rank) after which the layout is forgotten
 IDLE_KEEP = 4
 CONTROL = 3 + SIGNATURE  # the 1/-1 markers, the idle mark, the signature
 #: the idle mark of a rank with nothing to do, by op: it reduces to its "every rank idle" value only then
 IDLE_MARK = {ReduceOp.SUM: 1, ReduceOp.AVERAGE: 1, ReduceOp.MIN: 1, ReduceOp.MAX: -1}
-CARRIED, ALL_IDLE, FAILED = "carried", "all idle", "failed"  # how a speculative cycle ended
+CARRIED, ALL_IDLE, PARTIAL, FAILED = "carried", "all idle", "partial", "failed"  # how a speculative cycle ended
+#: speculative cycles in a row that end PARTIAL before one negotiates (whose stall inspector names the
+#: missing ranks); every rank counts the same reduced messages, so every rank falls back in the same cycle
+PARTIAL_LIMIT = 16
 TRANSPORT = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64,
              "float16": np.float32, "bfloat16": np.float32, "uint8": np.int64, "int8": np.int64, "int16": np.int64}
 OPS = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVERAGE: MPI.SUM, ReduceOp.MIN: MPI.MIN, ReduceOp.MAX: MPI.MAX}
@@ -114,6 +121,7 @@ class Speculation:
         self.apart = apart  # whether layouts whose payload travels apart are learned
         self.layout: Optional[Layout] = None
         self._idle = 0
+        self._partials = 0  # speculative cycles in a row that ended PARTIAL
         self._signatures: dict = {}
         self._layouts: dict = {}
         self.carries: dict = {}  # a single allreduce's arguments -> its Carry
@@ -134,6 +142,24 @@ class Speculation:
 
     def _expected(self, control: np.ndarray, op: int) -> np.ndarray:
         return control * (self.size if OPS[ReduceOp(op)] == MPI.SUM else 1)
+
+    def _ended(self, head: np.ndarray, control: Optional[np.ndarray], op: int) -> str:
+        """How the cycle whose reduced control block is ``head`` ended (this rank sent ``control``, None
+        for zeros): decided by the reduced block alone, so alike on every rank."""
+        if control is not None and np.array_equal(head, self._expected(control, op)):
+            self._partials = 0
+            if control[0]:
+                self._idle = 0  # IDLE_KEEP counts idle cycles in a row
+                return CARRIED
+            return ALL_IDLE
+        # a sum counts the ranks: c carried (the markers c, -c) and the others sent idle marks
+        carriers, idle = head[0], head[2]
+        if OPS[ReduceOp(op)] == MPI.SUM and 0 < carriers < self.size and head[1] == -carriers \
+                and carriers + idle == self.size and self._partials < PARTIAL_LIMIT:
+            self._partials += 1
+            return PARTIAL
+        self._partials = 0
+        return FAILED
 
     def fits(self, operations: list) -> bool:
         """Whether this rank's new ``operations`` (its only ones in flight) fill the layout exactly."""
@@ -167,7 +193,8 @@ class Speculation:
         """The speculative all-reduce (``carried``: this rank's operations, or None; ``idle``: this rank has
         nothing to do): CARRIED when every rank carried the same operations, which are then complete;
         ALL_IDLE when no rank had anything to do (the cycle is over: a negotiation would decide nothing);
-        else FAILED (nothing applied: negotiate). A layout whose payload travels apart sends the control
+        PARTIAL when the others were idle (nothing applied: the carried operations wait for the next
+        cycle); else FAILED (nothing applied: negotiate). A layout whose payload travels apart sends the control
         block alone, then (where every rank carried the same) hands the operations to ``run_apart``: the
         fused reduction a negotiated cycle would run, through mpisgd's algorithms, the negotiation's gather
         replaced by one small all-reduce."""
@@ -192,10 +219,10 @@ class Speculation:
             elif carried is None:
                 buffer[CONTROL:] = 0
         message.reduce(comm, wait)
-        if control is None or not np.array_equal(message.head, self._expected(control, op)):
-            return FAILED
-        if carried is None:
-            return ALL_IDLE
+        ended = self._ended(message.head, control, op)
+        if ended != CARRIED:
+            return ended
+        assert carried is not None  # CARRIED: this rank sent its operations' control block
         if message.layout.apart:
             run_apart(carried)
             return CARRIED
@@ -251,11 +278,11 @@ class Speculation:
         return message, payload, shaped, view, in_place
 
     def carry_alone(self, comm: MPI.Comm, tensor: torch.Tensor, carry: Carry, prepared: tuple,
-                    watchdog: Any) -> Optional[torch.Tensor]:
+                    watchdog: Any) -> tuple:
         """One speculative cycle carrying ``tensor`` alone (a contiguous CPU tensor of ``carry``'s
-        signature, whose layout is the current one; ``prepared`` by :meth:`prepare`): its result
-        (``tensor`` itself when in place) when every rank carried the same; None when the cycle failed
-        (nothing applied: negotiate)."""
+        signature, whose layout is the current one; ``prepared`` by :meth:`prepare`): (CARRIED, its
+        result: ``tensor`` itself when in place) when every rank carried the same; else (PARTIAL or
+        FAILED, None): nothing applied, as :meth:`exchange`."""
         message, payload, shaped, view, in_place = prepared
         message.head[...] = carry.control
         if view is not None:
@@ -267,7 +294,8 @@ class Speculation:
         else:  # no persistent collectives: the message's own nonblocking reduction
             message.reduce(comm, lambda start: (watchdog.enter("horovod speculative"), watchdog.wait([start()])))
         if message.head.tobytes() != carry.expected:
-            return None
+            return self._ended(message.head, None, message.layout.op), None
+        self._partials = self._idle = 0
         if view is not None:
             view[...] = payload
             out = tensor
@@ -278,7 +306,7 @@ class Speculation:
             out = shaped.to(tensor.dtype, copy=True)
         if carry.factor != 1.0:
             scale_(out.data, carry.factor)
-        return out
+        return CARRIED, out
 
     def _finish(self, op: Operation, reduced: np.ndarray) -> None:
         sig = op.signature
