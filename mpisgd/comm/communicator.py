@@ -366,17 +366,16 @@ class Communicator:
         raise cls(f"rank {rank}{others}: {text}") from error
 
     # ---- all-reduce ----------------------------------------------------------------------
-    def allreduce_(self, x: Any, op: str = "sum", *, algorithm: str = "auto", check: Optional[bool] = None) -> Any:
-        """Reduce ``x`` across ranks in place and return it (see :func:`mpisgd.allreduce_`). ``check=False``
-        skips the mismatch check, for callers that agreed on the call already (Horovod's negotiation)."""
-        if check is not False and x.__class__ is np.ndarray and self._agreement.run_steady(self, x, op, algorithm):
+    def allreduce_(self, x: Any, op: str = "sum", *, algorithm: str = "auto") -> Any:
+        """Reduce ``x`` across ranks in place and return it (see :func:`mpisgd.allreduce_`)."""
+        if x.__class__ is np.ndarray and self._agreement.run_steady(self, x, op, algorithm):
             return x  # a loop's small all-reduce, seen before (agreement.py)
         validate_op_and_algorithm(op, algorithm)
         name = backend.check_dtype(x)
         if op == "mean" and name.startswith("int"):
             raise ConfigError(f"op='mean' needs a floating dtype, got {name}")
         work = backend.work_buffer(x)
-        if not (check is not False and self.config.check_collectives and self.size > 1
+        if not (self.config.check_collectives and self.size > 1
                 and self._checked_allreduce(x, work, op, algorithm, name, tuple(x.shape))):
             self.watchdog.enter("allreduce_")
             self._reduce_flat(work.flat, work.ops, op, algorithm)

@@ -388,23 +388,3 @@ def test_oversubscribed_counts_the_cores_of_the_node_ranks_together(monkeypatch)
     with mpisgd.Communicator() as comm:
         assert comm.oversubscribed == (local.Get_size() > 1)
     local.Free()
-
-
-@pytest.mark.parametrize("n", [100, 40000], ids=["small", "large"])
-def test_an_allreduce_agreed_elsewhere_skips_the_mismatch_check(n, monkeypatch):
-    """``check=False`` (Horovod's executor, after its negotiation): no signature is exchanged, neither
-    in the steady message nor beside it, and the result is MPI's."""
-    comm = mpisgd.get_communicator()
-    checks: list = []
-    checked, steady = comm._checked_allreduce, comm._agreement.run_steady
-    monkeypatch.setattr(comm, "_checked_allreduce", lambda *a, **k: (checks.append(1), checked(*a, **k))[1])
-    monkeypatch.setattr(comm._agreement, "run_steady", lambda *a, **k: (checks.append(1), steady(*a, **k))[1])
-    for kind in ("numpy", "torch"):
-        x = rank_data(n, "float32", salt=5)
-        expected = reference(x, "sum")
-        work = x if kind == "numpy" else torch.from_numpy(x)
-        assert comm.allreduce_(work, "sum", check=False) is work
-        np.testing.assert_allclose(x, expected, rtol=1e-5 * P, atol=1e-5 * P)
-    assert not checks
-    comm.allreduce_(rank_data(n, "float32"), "sum")  # the default still checks
-    assert checks

@@ -152,8 +152,8 @@ class Executor:
                 self._mpi_reduce_(t, communicator, MPI.PROD)
         else:
             work = [t if t.dtype in MPISGD_DTYPES else t.to(torch.int64) for t in tensors]
-            if len(work) == 1:  # agreed by the negotiation (or the speculative message): not checked again
-                communicator.allreduce_(work[0], MPISGD_OPS[op], check=False)
+            if len(work) == 1:
+                communicator.allreduce_(work[0], MPISGD_OPS[op])
             else:
                 communicator.allreduce_many_(work, MPISGD_OPS[op], check=False,
                                              bucket_bytes=max(self.fusion_threshold_bytes, 1))
