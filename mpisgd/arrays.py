@@ -402,11 +402,19 @@ def split_tensors_from(flat: np.ndarray, tensors: Sequence[Any], sizes: Sequence
     with torch.no_grad():
         if divisor == 1:
             torch._foreach_copy_(tensors, sources)
-        elif len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors):
+        elif not _overlapping(tensors):
             torch._foreach_copy_(tensors, sources)  # each its own memory: divided in place, once
             torch._foreach_div_(tensors, divisor)
         else:  # flat may be a shared window's result: divided on the way, not in place
             torch._foreach_copy_(tensors, torch._foreach_div(sources, divisor))
+
+
+def _overlapping(tensors: Sequence[Any]) -> bool:
+    """Whether the memory spans of any two tensors overlap (by address: views of one buffer, however made)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * s for n, s in
+                                                                           zip(t.shape, t.stride()))))
+                   for t in tensors if t.numel())
+    return any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
 
 
 def reduction_dtype(name: str) -> str:

@@ -181,6 +181,11 @@ def test_fused_torch_tensors_count_the_write_and_refuse_a_tensor_that_overlaps_i
     mpisgd.allreduce_many_([twice, twice, buffer[:3], buffer[3:]], "mean")
     for got, want in zip([twice, buffer], expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5 * P, atol=1e-5 * P)
+    memory = rank_data(6, "float32", salt=5)  # two tensors over overlapping numpy views: the later one wins
+    first, second = torch.from_numpy(memory[:4]), torch.from_numpy(memory[2:])
+    means = [reference(memory[:4], "mean"), reference(memory[2:], "mean")]
+    mpisgd.allreduce_many_([first, second], "mean")
+    np.testing.assert_allclose(memory, np.concatenate([means[0][:2], means[1]]), rtol=1e-5 * P, atol=1e-5 * P)
 
 
 @pytest.mark.skipif(not ONE_NODE, reason="shm serves one node (across nodes: the hier test)")

@@ -208,6 +208,25 @@ def test_a_rank_that_carried_waits_for_idle_peers_then_they_speculate_together(e
 
 
 @multi_rank
+@pytest.mark.parametrize("late_cycles", [1, 3, PARTIAL_LIMIT + 1], ids=["once", "thrice", "past-the-limit"])
+def test_a_synchronous_call_that_meets_idle_peers_waits_for_them_in_step(late_cycles):
+    """Rank 0's synchronous call travels alone (Coordinator.allreduce_alone) while the others are idle:
+    its message ends PARTIAL there as in their cycles (both paths count the partial cycles alike), the
+    call goes on through the general path, and the peers' call carries it; past PARTIAL_LIMIT every
+    rank negotiates in the same cycle. Results are torch's on the gathered inputs."""
+    name = f"spec.partial.sync.{late_cycles}"
+    for _ in range(2):
+        hvd.allreduce(data((64,), torch.float32, 1), name=name, op=hvd.Sum)
+    start = negotiated_cycles()
+    x = data((64,), torch.float32, 3)
+    if RANK != 0:
+        manual_cycles(late_cycles)
+    torch.testing.assert_close(hvd.allreduce(x, name=name, op=hvd.Sum), reference(x, hvd.Sum))
+    assert (negotiated_cycles() > start) == (late_cycles > PARTIAL_LIMIT)
+    assert runtime().coordinator.speculation._partials == 0  # reset by the carried (or failed) cycle
+
+
+@multi_rank
 @pytest.mark.parametrize("elements", [64, 20000], ids=["small", "apart"])
 def test_the_same_layout_in_another_order_is_negotiated_and_correct(elements):
     a, b = data((elements,), torch.float32, 5), data((elements,), torch.float32, 6)

@@ -80,8 +80,8 @@ def test_every_rank_reads_the_same_ending_from_the_reduced_control_block(op, ran
     head = reduced([np.zeros(CONTROL) if sent[r] is None else sent[r] for r in ranks], op)
     if op in (ReduceOp.MIN, ReduceOp.MAX) and ends == PARTIAL:
         ends = FAILED
-    for r in ranks:
-        assert speculation._ended(head, sent[r], int(op)) == ends, r
+    for r in ranks:  # each rank its own state
+        assert Speculation(4)._ended(head, sent[r], int(op)) == ends, r
 
 
 def test_partial_cycles_in_a_row_end_in_a_negotiation_at_the_limit():
@@ -89,3 +89,14 @@ def test_partial_cycles_in_a_row_end_in_a_negotiation_at_the_limit():
     head = reduced([speculation._signature((("g", "s"),)), speculation._idle_control(ReduceOp.SUM)], ReduceOp.SUM)
     endings = [speculation._ended(head, None, int(ReduceOp.SUM)) for _ in range(2 * PARTIAL_LIMIT + 2)]
     assert endings == ([PARTIAL] * PARTIAL_LIMIT + [FAILED]) * 2
+
+
+def test_a_carried_cycle_starts_the_count_of_partial_cycles_again():
+    speculation = Speculation(2)
+    carried = speculation._signature((("g", "s"),))
+    partial = reduced([carried, speculation._idle_control(ReduceOp.SUM)], ReduceOp.SUM)
+    everyone = reduced([carried, carried], ReduceOp.SUM)
+    endings = [speculation._ended(partial, carried, int(ReduceOp.SUM)) for _ in range(PARTIAL_LIMIT - 1)]
+    endings.append(speculation._ended(everyone, carried, int(ReduceOp.SUM)))
+    endings += [speculation._ended(partial, carried, int(ReduceOp.SUM)) for _ in range(PARTIAL_LIMIT + 1)]
+    assert endings == [PARTIAL] * (PARTIAL_LIMIT - 1) + [CARRIED] + [PARTIAL] * PARTIAL_LIMIT + [FAILED]
