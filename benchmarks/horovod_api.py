@@ -102,14 +102,23 @@ def build(seed: int = 0) -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
 
 
-def training(steps: int, rounds: int, batch: int, comm: MPI.Comm) -> dict:
+def training_job(batch: int, comm: MPI.Comm) -> tuple:
+    """The training row's data, target, and its models with their optimizers: hvd's and mpisgd's."""
     data = torch.randn(batch, 256, generator=torch.Generator().manual_seed(comm.Get_rank()))
     target = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(7))
-    models = {name: build() for name in ("hvd", "mpisgd", "ddp")}
-    hvd_optimizer = hvd.DistributedOptimizer(torch.optim.SGD(models["hvd"].parameters(), lr=0.01),
-                                             named_parameters=models["hvd"].named_parameters())
-    mpisgd_optimizer = mpisgd.DistributedOptimizer(torch.optim.SGD(models["mpisgd"].parameters(), lr=0.01),
-                                                   models["mpisgd"].named_parameters())
+    models = {name: build() for name in ("hvd", "mpisgd")}
+    optimizers = {
+        "hvd": hvd.DistributedOptimizer(torch.optim.SGD(models["hvd"].parameters(), lr=0.01),
+                                        named_parameters=models["hvd"].named_parameters()),
+        "mpisgd": mpisgd.DistributedOptimizer(torch.optim.SGD(models["mpisgd"].parameters(), lr=0.01),
+                                              models["mpisgd"].named_parameters())}
+    return data, target, models, optimizers
+
+
+def training(steps: int, rounds: int, batch: int, comm: MPI.Comm) -> dict:
+    data, target, models, optimizers = training_job(batch, comm)
+    models["ddp"] = build()
+    hvd_optimizer, mpisgd_optimizer = optimizers["hvd"], optimizers["mpisgd"]
     init_gloo(mpisgd.get_communicator())
     ddp = torch.nn.parallel.DistributedDataParallel(models["ddp"])
     ddp_optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)

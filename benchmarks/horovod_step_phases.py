@@ -20,10 +20,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from horovod_api import build
+from horovod_api import training_job
 from mpi4py import MPI
 
-import mpisgd
 import mpisgd.horovod.torch as hvd
 from mpisgd.horovod.torch.basics import runtime
 
@@ -81,14 +80,7 @@ def main() -> int:
     torch.set_num_threads(1)
     hvd.init()
     comm = MPI.COMM_WORLD
-    data = torch.randn(args.batch, 256, generator=torch.Generator().manual_seed(comm.Get_rank()))
-    target = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(7))
-    models = {name: build() for name in ("hvd", "mpisgd")}
-    optimizers = {
-        "hvd": hvd.DistributedOptimizer(torch.optim.SGD(models["hvd"].parameters(), lr=0.01),
-                                        named_parameters=models["hvd"].named_parameters()),
-        "mpisgd": mpisgd.DistributedOptimizer(torch.optim.SGD(models["mpisgd"].parameters(), lr=0.01),
-                                              models["mpisgd"].named_parameters())}
+    data, target, models, optimizers = training_job(args.batch, comm)
     for _ in range(5):
         for name in models:
             phases(models[name], optimizers[name], data, target, 1, comm)
